@@ -1,0 +1,1 @@
+"""saju-billing: subscription billing on Toss Payments billing keys, database-first on Supabase."""

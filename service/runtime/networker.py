@@ -1,0 +1,565 @@
+"""The pg_net-compatible worker of the local runtime.
+
+On Supabase, pg_net's background worker sends what ``net.http_get/http_post/http_delete`` queue in
+``net.http_request_queue`` and writes each outcome to ``net._http_response``. Debian has no
+pg_net, so ``supabase/local/30_net.sql`` provides its SQL API and this process does the worker's
+job for every database of the local cluster that has the ``net`` schema (pg_net serves a single
+database; tests here use one database each).
+
+Per database it keeps one connection as ``supabase_admin`` named like pg_net's worker
+(``pg_net 0.20.4``), listening for ``net.wake()`` (a NOTIFY, so only committed requests wake it)
+and ``net.worker_restart()``. On connecting and on every wake it loops as pg_net's worker does:
+delete expired responses, take up to ``pg_net.batch_size`` queued requests in id order, send them
+concurrently, record one response row each, commit, pause up to a second, and go again while
+there was work. Databases are rediscovered every second; connections to databases that are
+dropped, or that become templates, simply end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+from service.runtime.cluster import ADMIN_USER, BASE_DB, MAIN_DB, Runtime
+
+PG_NET_VERSION = "0.20.4"
+# pg_net's worker reports this application_name; net.check_worker_is_up() looks for it.
+APPLICATION_NAME = f"pg_net {PG_NET_VERSION}"
+LAUNCHER_NAME = "saju-billing net launcher"
+USER_AGENT = f"pg_net/{PG_NET_VERSION}"
+WAKE_CHANNEL = "pg_net_wake"
+RESTART_CHANNEL = "pg_net_worker_restart"
+
+DISCOVERY_INTERVAL = 1.0
+NO_NET_RECHECK = 5.0
+BATCH_PAUSE = 1.0  # pg_net's pause between batches
+DEFAULT_TTL = "6 hours"
+DEFAULT_BATCH_SIZE = 200
+MAX_BATCH_SIZE = 32767
+MAX_REDIRECTS = 30  # libcurl's default
+
+# --- SQL ---------------------------------------------------------------------------------------
+
+_DISCOVER = """
+    select datname from pg_catalog.pg_database
+    where not datistemplate and datallowconn and datconnlimit <> -2 and datname <> %(base)s
+"""
+
+_HAS_NET = """
+    select pg_catalog.to_regclass('net.http_request_queue') is not null
+       and pg_catalog.to_regclass('net._http_response') is not null
+"""
+
+# pg_net reads its GUCs from the server configuration; database settings win here so a test can
+# give its own database a short ttl.
+_SETTINGS = """
+    select pg_catalog.current_setting('pg_net.ttl', true) as ttl,
+           pg_catalog.current_setting('pg_net.batch_size', true) as batch_size
+"""
+
+_EXPIRE_RESPONSES = """
+    with rows as (
+      select ctid from net._http_response
+      where created < pg_catalog.now() - %(ttl)s::interval
+      order by created
+      limit %(batch_size)s
+    )
+    delete from net._http_response r using rows where r.ctid = rows.ctid
+"""
+
+# As pg_net's, plus SKIP LOCKED so that a second worker on the same cluster cannot double-send.
+_CONSUME_QUEUE = """
+    with rows as (
+      select id from net.http_request_queue
+      order by id
+      limit %(batch_size)s
+      for update skip locked
+    )
+    delete from net.http_request_queue q using rows where q.id = rows.id
+    returning q.id,
+              q.method::text as method,
+              q.url,
+              q.timeout_milliseconds,
+              array(select key || ': ' || value from jsonb_each_text(q.headers)) as headers,
+              q.body
+"""
+
+_INSERT_RESPONSE = """
+    insert into net._http_response
+      (id, status_code, content, headers, content_type, timed_out, error_msg)
+    values
+      (%(id)s, %(status_code)s, %(content)s, %(headers)s, %(content_type)s, %(timed_out)s,
+       %(error_msg)s)
+"""
+
+_RELOAD_CONF = "select pg_catalog.pg_reload_conf()"
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    id: int
+    method: str
+    url: str
+    timeout_milliseconds: int
+    headers: list[str] | None  # 'Name: value' lines, as pg_net hands them to curl
+    body: bytes | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One ``net._http_response`` row."""
+
+    id: int
+    status_code: int | None = None
+    content: str | None = None
+    headers: dict[str, str] | None = None
+    content_type: str | None = None
+    timed_out: bool = False
+    error_msg: str | None = None
+
+    def params(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "status_code": self.status_code,
+            "content": self.content,
+            "headers": Jsonb(self.headers) if self.headers is not None else None,
+            "content_type": self.content_type,
+            "timed_out": self.timed_out,
+            "error_msg": self.error_msg,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    ttl: str
+    batch_size: int
+
+
+class Ending(enum.Enum):
+    NO_NET = "no net schema"
+    LOST = "connection lost"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Result:
+    ending: Ending
+    served: bool  # the worker had reached LISTEN before it ended
+    detail: str = ""
+
+
+class RestartRequested(Exception):
+    """``net.worker_restart()`` was called in the database."""
+
+
+def _log(message: str) -> None:
+    print(f"net worker: {message}", file=sys.stderr, flush=True)
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+def new_client() -> httpx.AsyncClient:
+    """The one HTTP client of the worker, configured to behave like pg_net's libcurl handles."""
+    client = httpx.AsyncClient(
+        # Each request gets its own total deadline instead, like CURLOPT_TIMEOUT_MS.
+        timeout=None,  # noqa: S113
+        follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+        # libcurl keeps no cookies between requests unless asked to.
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        # Local targets only; a proxy from the environment would only get in the way.
+        trust_env=False,
+    )
+    # Send only what libcurl sends (it adds no User-Agent and asks for no compression).
+    client.headers.clear()
+    return client
+
+
+class _Timings:
+    """The phases of one transfer, for pg_net's detailed timeout message."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.handshake = 0.0
+        self.pretransfer: float | None = None
+        self._phase_started: float | None = None
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if event.endswith(("connect_tcp.started", "start_tls.started")):
+            self._phase_started = now
+        elif event.endswith(("connect_tcp.complete", "start_tls.complete")):
+            if self._phase_started is not None:
+                self.handshake += now - self._phase_started
+                self._phase_started = None
+        elif event.endswith("send_request_headers.started") and self.pretransfer is None:
+            self.pretransfer = now
+
+    def timeout_message(self, timeout_ms: int) -> str:
+        # Name resolution is not timed apart from connecting (it happens inside connect_tcp),
+        # so it is counted in the handshake time.
+        total = time.monotonic() - self.start
+        if self.pretransfer is None:
+            handshake, http = total, 0.0
+        else:
+            handshake, http = self.handshake, total - (self.pretransfer - self.start)
+        return (
+            f"Timeout of {timeout_ms} ms reached. Total time: {total * 1000:f} ms "
+            f"(DNS time: {0.0:f} ms, TCP/SSL handshake time: {handshake * 1000:f} ms, "
+            f"HTTP Request/Response time: {http * 1000:f} ms)"
+        )
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def curl_error_message(exc: BaseException) -> str:
+    """The ``curl_easy_strerror`` text libcurl (Debian's 7.88) gives for the same failure."""
+    text = str(exc)
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return "Unsupported protocol"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "Number of redirects hit maximum amount"
+    if isinstance(exc, httpx.InvalidURL):
+        return "URL using bad/illegal format or missing URL"
+    if isinstance(exc, httpx.ConnectError):
+        if _caused_by(exc, socket.gaierror) or "name resolution" in text or "not known" in text:
+            return "Couldn't resolve host name"
+        if _caused_by(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+            return "SSL peer certificate or SSH remote key was not OK"
+        if _caused_by(exc, ssl.SSLError) or "SSL" in text:
+            return "SSL connect error"
+        return "Couldn't connect to server"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        if "without sending a response" in text:
+            return "Server returned nothing (no headers, no data)"
+        if "complete message body" in text or "incomplete" in text:
+            return "Transferred a partial file"
+        return "Weird server reply"
+    if isinstance(exc, httpx.ReadError):
+        return "Failure when receiving data from the peer"
+    if isinstance(exc, httpx.WriteError):
+        return "Failed sending data to the peer"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _text(raw: bytes) -> str:
+    # Stored as C strings by pg_net: cut at a NUL; bytes that are not UTF-8 are replaced
+    # (text columns would reject them).
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _request_headers(
+    lines: Sequence[str] | None, method: str, body: bytes | None
+) -> tuple[list[tuple[bytes, bytes]], str | None]:
+    """The headers libcurl would send for this row, or why the row is refused."""
+    sends_body = body is not None or method == "POST"
+    own: dict[str, tuple[bytes, bytes]] = {"accept": (b"Accept", b"*/*")}
+    if sends_body:
+        own["content-type"] = (b"Content-Type", b"application/x-www-form-urlencoded")
+        if not body:
+            own["content-length"] = (b"Content-Length", b"0")
+    custom: list[tuple[bytes, bytes]] = []
+    for line in lines or ():
+        name, _, value = line.partition(":")
+        if "\r" in line or "\n" in line:
+            # Would inject headers or a body; pg_net 0.20.5+ refuses such requests this way.
+            return [], f'header "{name}" contains a carriage return or line feed'
+        value = value.strip(" \t")
+        # A custom header replaces libcurl's own of that name; an empty one removes it.
+        own.pop(name.strip().lower(), None)
+        if value:
+            custom.append((name.encode(), value.encode()))
+    if lines is not None:
+        custom.append((b"User-Agent", USER_AGENT.encode()))
+    return [*own.values(), *custom], None
+
+
+async def deliver(client: httpx.AsyncClient, req: QueuedRequest) -> Outcome:
+    """Send one queued request; every failure becomes an error row, nothing is raised."""
+    headers, refusal = _request_headers(req.headers, req.method.upper(), req.body)
+    if refusal is not None:
+        return Outcome(id=req.id, error_msg=refusal)
+    body = req.body.split(b"\0", 1)[0] if req.body is not None else None
+    if body is None and req.method.upper() == "POST":
+        body = b""
+    timings = _Timings()
+    # libcurl treats a zero timeout as none.
+    limit = req.timeout_milliseconds / 1000 if req.timeout_milliseconds > 0 else None
+    try:
+        async with asyncio.timeout(limit):
+            request = client.build_request(
+                req.method.upper(),
+                req.url,
+                headers=headers,
+                content=body,
+                extensions={"trace": timings.trace},
+            )
+            response = await client.send(request, stream=True)
+            try:
+                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        return Outcome(
+            id=req.id,
+            timed_out=True,
+            error_msg=timings.timeout_message(req.timeout_milliseconds),
+        )
+    except Exception as exc:  # a bad request must never take the worker down
+        return Outcome(id=req.id, error_msg=curl_error_message(exc))
+
+    received: dict[str, str] = {}
+    content_type: str | None = None
+    for name, value in response.headers.raw:
+        key, text = _text(name), _text(value)
+        received[key] = text
+        if content_type is None and key.lower() == "content-type":
+            content_type = text
+    return Outcome(
+        id=req.id,
+        status_code=response.status_code,
+        content=_text(raw) or None,
+        headers=received,
+        content_type=content_type,
+    )
+
+
+# --- one database ------------------------------------------------------------------------------
+
+
+def _settings(row: tuple[str | None, str | None] | None) -> Settings:
+    ttl, batch = row if row is not None else (None, None)
+    try:
+        batch_size = int(batch) if batch else DEFAULT_BATCH_SIZE
+    except ValueError:
+        batch_size = DEFAULT_BATCH_SIZE
+    if not 0 <= batch_size <= MAX_BATCH_SIZE:
+        batch_size = DEFAULT_BATCH_SIZE
+    return Settings(ttl=ttl or DEFAULT_TTL, batch_size=batch_size)
+
+
+async def _wait_for_notifications(
+    conn: psycopg.AsyncConnection[Any], wait_seconds: float | None
+) -> list[str]:
+    """Channels of the notifications that arrive within ``wait_seconds`` (None: until one)."""
+    channels = [n.channel async for n in conn.notifies(timeout=wait_seconds, stop_after=1)]
+    if RESTART_CHANNEL in channels:
+        raise RestartRequested
+    return channels
+
+
+class DatabaseWorker:
+    """Serves the ``net`` queue of one database until it is dropped or the worker stops."""
+
+    def __init__(self, rt: Runtime, dbname: str, client: httpx.AsyncClient) -> None:
+        self.rt = rt
+        self.dbname = dbname
+        self.client = client
+        self.served = False
+
+    async def run(self) -> Result:
+        try:
+            while True:
+                try:
+                    await self._session()
+                except RestartRequested:
+                    continue  # reconnect: database settings are read at connection start
+                return Result(Ending.NO_NET, self.served)
+        except psycopg.OperationalError as exc:
+            # Dropped (WITH FORCE), server shutting down, or not reachable right now.
+            return Result(Ending.LOST, self.served, str(exc).strip())
+        except Exception as exc:  # one database's trouble must not stop the others
+            _log(f"{self.dbname}: {type(exc).__name__}: {str(exc).strip()}")
+            return Result(Ending.FAILED, self.served, str(exc).strip())
+
+    async def _session(self) -> None:
+        """One connection: returns if the database has no ``net`` schema."""
+        conn = await psycopg.AsyncConnection.connect(
+            self.rt.dsn(self.dbname, ADMIN_USER),
+            autocommit=True,
+            application_name=APPLICATION_NAME,
+            connect_timeout=10,
+        )
+        async with conn:
+            row = await (await conn.execute(_HAS_NET)).fetchone()
+            if row is None or not row[0]:
+                return
+            await conn.execute(f"listen {WAKE_CHANNEL}")
+            await conn.execute(f"listen {RESTART_CHANNEL}")
+            self.served = True
+            try:
+                # pg_net's worker starts awake: work queued while nobody listened is sent now.
+                while True:
+                    await self._drain(conn)
+                    await _wait_for_notifications(conn, wait_seconds=None)
+            except RestartRequested:
+                # net.worker_restart() also reloads the configuration, as pg_net's does.
+                await conn.execute(_RELOAD_CONF)
+                raise
+
+    async def _drain(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            cur = await conn.execute(_SETTINGS)
+            settings = _settings(await cur.fetchone())
+            expired = await self._expire(conn, settings)
+            consumed = await self._batch(conn, settings)
+            if expired == 0 and consumed == 0:
+                return
+            # pg_net pauses between batches; a wake or a restart ends the pause early.
+            await _wait_for_notifications(conn, wait_seconds=BATCH_PAUSE)
+
+    async def _expire(self, conn: psycopg.AsyncConnection[Any], settings: Settings) -> int:
+        cur = await conn.execute(
+            _EXPIRE_RESPONSES, {"ttl": settings.ttl, "batch_size": settings.batch_size}
+        )
+        return max(cur.rowcount, 0)
+
+    async def _batch(self, conn: psycopg.AsyncConnection[Any], settings: Settings) -> int:
+        """One pg_net iteration: take, send and record in one transaction."""
+        async with conn.transaction():
+            async with conn.cursor(row_factory=class_row(QueuedRequest)) as cur:
+                await cur.execute(_CONSUME_QUEUE, {"batch_size": settings.batch_size})
+                requests = await cur.fetchall()
+            if not requests:
+                return 0
+            outcomes = await asyncio.gather(*(deliver(self.client, r) for r in requests))
+            async with conn.cursor() as cur:
+                await cur.executemany(_INSERT_RESPONSE, [o.params() for o in outcomes])
+        return len(requests)
+
+
+# --- the cluster -------------------------------------------------------------------------------
+
+
+class Launcher:
+    """Keeps one DatabaseWorker per database that has the ``net`` schema."""
+
+    def __init__(self, rt: Runtime, client: httpx.AsyncClient) -> None:
+        self.rt = rt
+        self.client = client
+        self.tasks: dict[str, asyncio.Task[Result]] = {}
+        self.retry_at: dict[str, float] = {}
+        self.failures: dict[str, int] = {}
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.reachable = True
+
+    async def _databases(self) -> set[str] | None:
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conn = await psycopg.AsyncConnection.connect(
+                    self.rt.dsn(MAIN_DB, ADMIN_USER),
+                    autocommit=True,
+                    application_name=LAUNCHER_NAME,
+                    connect_timeout=10,
+                )
+            rows = await (await self.conn.execute(_DISCOVER, {"base": BASE_DB})).fetchall()
+        except psycopg.Error as exc:
+            if self.reachable:
+                _log(f"cluster not reachable, retrying: {str(exc).strip()}")
+                self.reachable = False
+            if self.conn is not None:
+                await self.conn.close()
+                self.conn = None
+            return None
+        if not self.reachable:
+            _log("cluster reachable again")
+            self.reachable = True
+        return {str(name) for (name,) in rows}
+
+    def _finished(self, dbname: str, result: Result, now: float) -> None:
+        if result.ending is Ending.NO_NET:
+            self.retry_at[dbname] = now + NO_NET_RECHECK
+            return
+        count = 1 if result.served else self.failures.get(dbname, 0) + 1
+        self.failures[dbname] = count
+        if result.ending is Ending.LOST and count == 3:
+            _log(f"{dbname}: cannot stay connected: {result.detail}")
+        self.retry_at[dbname] = now + min(DISCOVERY_INTERVAL * 2 ** (count - 1), 30.0)
+
+    async def step(self) -> None:
+        names = await self._databases()
+        if names is None:
+            return
+        now = time.monotonic()
+        for dbname, task in list(self.tasks.items()):
+            if dbname not in names:
+                task.cancel()
+                del self.tasks[dbname]
+            elif task.done():
+                del self.tasks[dbname]
+                if not task.cancelled():
+                    self._finished(dbname, task.result(), now)
+        for dbname in list(self.retry_at):
+            if dbname not in names:
+                del self.retry_at[dbname]
+                self.failures.pop(dbname, None)
+        for dbname in sorted(names - self.tasks.keys()):
+            if self.retry_at.get(dbname, 0.0) <= now:
+                worker = DatabaseWorker(self.rt, dbname, self.client)
+                self.tasks[dbname] = asyncio.create_task(worker.run(), name=f"net:{dbname}")
+
+    async def close(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        # Cancelled batches roll back: their requests stay queued for the next start.
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+        if self.conn is not None:
+            await self.conn.close()
+
+
+async def serve(rt: Runtime, stop: asyncio.Event) -> None:
+    """Serve the cluster until ``stop`` is set."""
+    async with new_client() as client:
+        launcher = Launcher(rt, client)
+        try:
+            while not stop.is_set():
+                await launcher.step()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), DISCOVERY_INTERVAL)
+        finally:
+            await launcher.close()
+
+
+async def _main(rt: Runtime) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    _log(f"serving the databases of {rt.host}:{rt.port} as {APPLICATION_NAME!r}")
+    await serve(rt, stop)
+    _log("stopped")
+
+
+def main() -> None:
+    """Entry point of ``saju-billing net-worker``."""
+    asyncio.run(_main(Runtime.from_env()))

@@ -1,0 +1,98 @@
+"""The local Toss Payments sandbox: build the Starlette app, or serve it with uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Literal, TypedDict, Unpack
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.sandbox import api, control, sdk
+from service.sandbox.clock import Clock
+from service.sandbox.context import Sandbox, SandboxConfig
+from service.sandbox.errors import ApiError
+
+
+class SandboxOptions(TypedDict, total=False):
+    clock: Clock
+    secret_keys: Sequence[str] | None
+    webhook_url: str | None
+    webhook_transport: httpx.AsyncBaseTransport | None
+    second_delete: Literal["error", "ok"]
+    record_failed_charges: bool
+    control_api: bool
+    seed: int
+
+
+def build_app(
+    *,
+    clock: Clock | None = None,
+    secret_keys: Sequence[str] | None = None,
+    webhook_url: str | None = None,
+    webhook_transport: httpx.AsyncBaseTransport | None = None,
+    second_delete: Literal["error", "ok"] = "error",
+    record_failed_charges: bool = False,
+    control_api: bool = True,
+    seed: int = 0,
+) -> Starlette:
+    """A fresh sandbox with its own in-memory state.
+
+    * ``clock``: defaults to wall time; pass ``Clock(start)`` for a frozen, advanceable one.
+    * ``secret_keys``: accepted secret keys (default: any ``test_``/``live_`` secret key).
+      Configuring a live key switches the control API off.
+    * ``webhook_url``: where events go (also settable with ``PUT /_sandbox/webhook``);
+      ``webhook_transport`` replaces the network for deliveries (tests).
+    * ``second_delete``: a second DELETE of a billing key answers 400
+      ALREADY_REMOVED_BILLING_KEY (``"error"``) or 200 again (``"ok"``).
+    * ``record_failed_charges``: keep a failed charge as an ABORTED payment with ``failure``,
+      findable by orderId (undocumented at Toss; off by default).
+    * ``control_api``: serve ``/_sandbox``; ``seed``: the fault-injection RNG seed.
+    """
+    config = SandboxConfig(
+        secret_keys=tuple(secret_keys) if secret_keys is not None else None,
+        second_delete=second_delete,
+        record_failed_charges=record_failed_charges,
+        control_api=control_api,
+    )
+    sandbox = Sandbox(
+        config,
+        clock or Clock(),
+        seed=seed,
+        webhook_url=webhook_url,
+        webhook_transport=webhook_transport,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await sandbox.webhooks.start()
+        try:
+            yield
+        finally:
+            await sandbox.webhooks.stop()
+
+    app = Starlette(
+        routes=[*api.routes, *sdk.routes, *control.routes],
+        exception_handlers={404: _not_found, 405: _not_found},
+        lifespan=lifespan,
+    )
+    app.state.sandbox = sandbox
+    return app
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    # Toss answers unknown paths and methods (e.g. the invented
+    # /v1/billing/authorizations/{key}/payments) with 404 NOT_FOUND_HTTP_METHOD.
+    if isinstance(exc, HTTPException) and exc.status_code not in (404, 405):
+        raise exc
+    return ApiError("NOT_FOUND_HTTP_METHOD").response()
+
+
+def serve(host: str = "127.0.0.1", port: int = 8100, **options: Unpack[SandboxOptions]) -> None:
+    """Run the sandbox until interrupted (``saju-billing sandbox --port 8100``)."""
+    uvicorn.run(build_app(**options), host=host, port=port, ws="none", log_level="info")

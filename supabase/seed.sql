@@ -1,0 +1,2 @@
+-- Local seed data for `supabase db reset`. Product data the service needs in production (the Pro
+-- plan and its price) lives in migrations instead.

@@ -1,0 +1,534 @@
+"""service.toss.TossClient against the sandbox, and against httpx.MockTransport for the wire."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, timedelta
+
+import anyio
+import httpx
+import pytest
+from sandbox_harness import (
+    CUSTOMER_KEY,
+    GOOD_CARD,
+    SECRET_KEY,
+    START,
+    LiveServer,
+    basic,
+)
+
+from service.toss import (
+    ERROR_CODES,
+    Billing,
+    ErrorClass,
+    Operation,
+    Outcome,
+    Payment,
+    SecretKey,
+    TossClient,
+    TossError,
+    TossMalformedResponse,
+    TossOutcomeUnknown,
+    classify,
+    classify_decline_code,
+    outcome_of,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def toss(server: LiveServer) -> AsyncIterator[TossClient]:
+    async with TossClient(SECRET_KEY, base_url=server.url) as client:
+        yield client
+
+
+@pytest.fixture
+async def acontrol(server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+async def _billing_key(toss: TossClient, acontrol: httpx.AsyncClient, card: str = GOOD_CARD) -> str:
+    body = {"customerKey": CUSTOMER_KEY, "cardNumber": card}
+    auth_key = (await acontrol.post("/_sandbox/auth-keys", json=body)).json()["authKey"]
+    billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY)
+    return billing.billing_key
+
+
+async def _charge(
+    toss: TossClient, billing_key: str, order_id: str, amount: int = 4900, key: str | None = None
+) -> Payment:
+    return await toss.charge(
+        billing_key,
+        CUSTOMER_KEY,
+        amount,
+        order_id,
+        "사주맛피아 Pro 1개월",
+        idempotency_key=key or f"idem-{order_id}",
+    )
+
+
+async def _error(call: Awaitable[object]) -> TossError:
+    with pytest.raises(TossError) as info:
+        await call
+    return info.value
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+async def test_billing_lifecycle(toss: TossClient, acontrol: httpx.AsyncClient) -> None:
+    minted = await acontrol.post("/_sandbox/auth-keys", json={"customerKey": CUSTOMER_KEY})
+    billing = await toss.issue_billing_key(minted.json()["authKey"], CUSTOMER_KEY)
+    assert isinstance(billing, Billing)
+    assert billing.customer_key == CUSTOMER_KEY
+    assert billing.method == "카드"
+    assert billing.authenticated_at == START
+    assert billing.card is not None
+    assert billing.card.number == "94100012****789*"
+
+    payment = await _charge(toss, billing.billing_key, "order-life-1", 10000)
+    assert (payment.status, payment.type, payment.method) == ("DONE", "BILLING", "카드")
+    assert (payment.total_amount, payment.balance_amount) == (10000, 10000)
+    assert (payment.supplied_amount, payment.vat) == (9091, 909)
+    assert payment.approved_at == START
+    assert payment.approved_at.utcoffset() == timedelta(hours=9)
+    assert payment.card is not None
+    assert payment.card.acquire_status == "READY"
+    assert payment.secret is not None
+    assert payment.secret.startswith("ps_")
+    assert payment.receipt is not None
+    assert payment.cancels == ()
+    assert payment.is_partial_cancelable
+    assert await toss.get_payment(payment.payment_key) == payment
+    assert await toss.get_payment_by_order("order-life-1") == payment
+
+    partial = await toss.cancel(payment.payment_key, "부분 환불", 4000, idempotency_key="r-1")
+    assert (partial.status, partial.balance_amount) == ("PARTIAL_CANCELED", 6000)
+    assert [c.cancel_amount for c in partial.cancels] == [4000]
+    assert not partial.fully_refunded
+    rest = await toss.cancel(
+        payment.payment_key, "나머지 환불", idempotency_key="r-2", refundable_amount=6000
+    )
+    assert (rest.status, rest.balance_amount) == ("PARTIAL_CANCELED", 0)
+    assert rest.fully_refunded
+    assert rest.last_transaction_key == rest.cancels[-1].transaction_key
+
+    await toss.delete_billing_key(billing.billing_key)
+    error = await _error(_charge(toss, billing.billing_key, "order-life-2"))
+    assert (error.code, error.error_class) == (
+        "ALREADY_REMOVED_BILLING_KEY",
+        ErrorClass.NEEDS_NEW_CARD,
+    )
+    assert outcome_of(error) is Outcome.NEEDS_NEW_CARD
+
+
+async def test_lookups_of_missing_payments(toss: TossClient) -> None:
+    assert await toss.get_payment_by_order("order-never") is None
+    error = await _error(toss.get_payment("tviva20250301100000zzzzz"))
+    assert (error.code, error.http_status) == ("NOT_FOUND_PAYMENT", 404)
+    assert error.operation is Operation.GET_PAYMENT
+
+
+async def test_list_transactions_pages_through_everything(
+    toss: TossClient, acontrol: httpx.AsyncClient
+) -> None:
+    billing_key = await _billing_key(toss, acontrol)
+    for i in range(5):
+        await _charge(toss, billing_key, f"order-page-{i}")
+        await acontrol.post("/_sandbox/clock/advance", json={"minutes": 10})
+    start_utc = START.astimezone(UTC)  # any offset works; the client sends Korea time
+    rows = [
+        t
+        async for t in toss.list_transactions(
+            start_utc, start_utc + timedelta(hours=1), page_size=2
+        )
+    ]
+    assert [t.order_id for t in rows] == [f"order-page-{i}" for i in range(5)]
+    assert [t.transaction_at - START for t in rows] == [timedelta(minutes=10 * i) for i in range(5)]
+    assert {t.customer_key for t in rows} == {CUSTOMER_KEY}
+    assert all(t.amount == 4900 and t.status == "DONE" for t in rows)
+    narrow = [t async for t in toss.list_transactions(START, START + timedelta(minutes=15))]
+    assert [t.order_id for t in narrow] == ["order-page-0", "order-page-1"]
+
+
+# --------------------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize(
+    ("card", "code", "status", "error_class", "outcome"),
+    [
+        ("4000000001000000", "REJECT_CARD_PAYMENT", 403, ErrorClass.DECLINE, Outcome.DECLINED),
+        (
+            "4000000003000000",
+            "EXCEED_MAX_DAILY_PAYMENT_COUNT",
+            400,
+            ErrorClass.DECLINE,
+            Outcome.DECLINED,
+        ),
+        (
+            "4000000002000000",
+            "INVALID_STOPPED_CARD",
+            400,
+            ErrorClass.NEEDS_NEW_CARD,
+            Outcome.NEEDS_NEW_CARD,
+        ),
+        (
+            "4330121234567890",
+            "NOT_SUPPORTED_CARD_TYPE",
+            400,
+            ErrorClass.NEEDS_NEW_CARD,
+            Outcome.NEEDS_NEW_CARD,
+        ),
+        (
+            "4000000006000000",
+            "FAILED_CARD_COMPANY_RESPONSE",
+            500,
+            ErrorClass.RECONCILE_FIRST,
+            Outcome.UNKNOWN,
+        ),
+    ],
+)
+async def test_card_failures_are_classified(
+    toss: TossClient,
+    acontrol: httpx.AsyncClient,
+    card: str,
+    code: str,
+    status: int,
+    error_class: ErrorClass,
+    outcome: Outcome,
+) -> None:
+    billing_key = await _billing_key(toss, acontrol, card)
+    error = await _error(_charge(toss, billing_key, "order-class-1"))
+    assert (error.code, error.http_status, error.error_class) == (code, status, error_class)
+    assert outcome_of(error) is outcome
+    assert error.message == ERROR_CODES[code].message
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "code", "status", "error_class", "outcome"),
+    [
+        ("charge", "PROVIDER_ERROR", 400, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
+        ("charge", "IDEMPOTENT_REQUEST_PROCESSING", 409, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
+        ("charge", "TOO_MANY_REQUESTS", 429, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
+        ("charge", "FORBIDDEN_CONSECUTIVE_REQUEST", 403, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
+        ("charge", "DUPLICATED_ORDER_ID", 400, ErrorClass.RECONCILE_FIRST, Outcome.UNKNOWN),
+        ("charge", "ALREADY_PROCESSED_PAYMENT", 400, ErrorClass.RECONCILE_FIRST, Outcome.UNKNOWN),
+        ("charge", "COMMON_ERROR", 500, ErrorClass.RECONCILE_FIRST, Outcome.UNKNOWN),
+        ("charge", "BRAND_NEW_SERVER_CODE", 502, ErrorClass.RECONCILE_FIRST, Outcome.UNKNOWN),
+        ("charge", "UNAUTHORIZED_KEY", 401, ErrorClass.BUG_OR_CONFIG, Outcome.FAILED),
+        ("charge", "INVALID_IDEMPOTENCY_KEY", 400, ErrorClass.BUG_OR_CONFIG, Outcome.FAILED),
+        ("charge", "BRAND_NEW_CLIENT_CODE", 400, ErrorClass.BUG_OR_CONFIG, Outcome.FAILED),
+        ("charge", "EXCEED_MAX_AMOUNT", 400, ErrorClass.DECLINE, Outcome.DECLINED),
+        (
+            "charge",
+            "INVALID_CARD_EXPIRATION",
+            400,
+            ErrorClass.NEEDS_NEW_CARD,
+            Outcome.NEEDS_NEW_CARD,
+        ),
+        ("get_payment", "COMMON_ERROR", 500, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
+        ("get_payment", "BRAND_NEW_SERVER_CODE", 503, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
+        ("get_payment", "FAILED_DB_PROCESSING", 500, ErrorClass.BUG_OR_CONFIG, Outcome.FAILED),
+    ],
+)
+async def test_error_responses_are_classified(
+    toss: TossClient,
+    acontrol: httpx.AsyncClient,
+    endpoint: str,
+    code: str,
+    status: int,
+    error_class: ErrorClass,
+    outcome: Outcome,
+) -> None:
+    billing_key = await _billing_key(toss, acontrol)
+    fault = {"endpoint": endpoint, "kind": "error", "count": 1, "code": code, "status": status}
+    await acontrol.post("/_sandbox/faults", json=fault)
+    if endpoint == "charge":
+        error = await _error(_charge(toss, billing_key, "order-fault-1"))
+    else:
+        error = await _error(toss.get_payment("tviva20250301100000aaaaa"))
+    assert (error.code, error.http_status, error.error_class) == (code, status, error_class)
+    assert error.retry_same_request is (error_class is ErrorClass.TRANSIENT)
+    assert outcome_of(error) is outcome
+
+
+async def test_server_errors_on_cancel_reconcile_first(
+    toss: TossClient, acontrol: httpx.AsyncClient
+) -> None:
+    payment = await _charge(toss, await _billing_key(toss, acontrol), "order-cancel-500")
+    await acontrol.post(
+        "/_sandbox/faults",
+        json={"endpoint": "cancel", "kind": "error", "count": 1, "code": "FAILED_REFUND_PROCESS"},
+    )
+    error = await _error(toss.cancel(payment.payment_key, "환불", idempotency_key="c-500"))
+    assert (error.code, error.error_class) == ("FAILED_REFUND_PROCESS", ErrorClass.RECONCILE_FIRST)
+
+
+async def test_real_rule_violations_are_classified(
+    toss: TossClient, acontrol: httpx.AsyncClient
+) -> None:
+    billing_key = await _billing_key(toss, acontrol)
+    await _charge(toss, billing_key, "order-real-1")
+    duplicate = await _error(_charge(toss, billing_key, "order-real-1", key="another-key"))
+    assert (duplicate.code, duplicate.error_class) == (
+        "DUPLICATED_ORDER_ID",
+        ErrorClass.RECONCILE_FIRST,
+    )
+    bad_order = await _error(_charge(toss, billing_key, "short"))
+    assert (bad_order.code, bad_order.error_class) == ("INVALID_ORDER_ID", ErrorClass.BUG_OR_CONFIG)
+    long_customer = await _error(
+        toss.charge(billing_key, "c" * 301, 4900, "order-real-2", "Pro", idempotency_key="k")
+    )
+    assert (long_customer.code, long_customer.http_status) == ("FAILED_DB_PROCESSING", 500)
+    assert long_customer.error_class is ErrorClass.RECONCILE_FIRST  # a 5xx on a charge
+
+
+async def test_unknown_secret_key_is_a_config_error(
+    start_sandbox: Callable[..., LiveServer],
+) -> None:
+    server = start_sandbox(secret_keys=["test_sk_" + "C" * 28])
+    async with TossClient(SECRET_KEY, base_url=server.url) as toss:
+        error = await _error(toss.get_payment("tviva20250301100000aaaaa"))
+    assert (error.code, error.http_status) == ("UNAUTHORIZED_KEY", 401)
+    assert outcome_of(error) is Outcome.FAILED
+
+
+def test_code_table_and_status_rules() -> None:
+    for code, spec in ERROR_CODES.items():
+        assert classify(code, spec.http_status, Operation.GET_PAYMENT) is spec.error_class, code
+        assert classify_decline_code(code) is spec.error_class
+    assert classify("FAILED_DB_PROCESSING", 500, Operation.CHARGE) is ErrorClass.RECONCILE_FIRST
+    assert classify("REJECT_CARD_PAYMENT", 429) is ErrorClass.TRANSIENT
+    assert classify("NEVER_SEEN", 418) is ErrorClass.BUG_OR_CONFIG
+    assert classify("NEVER_SEEN", 500) is ErrorClass.TRANSIENT
+    assert classify_decline_code("NEVER_SEEN") == "bug_or_config"
+    assert classify_decline_code("REJECT_CARD_PAYMENT") == "decline"
+    assert outcome_of(None) is Outcome.SUCCEEDED
+    assert ERROR_CODES["REJECT_CARD_PAYMENT"].http_status == 403
+    assert ERROR_CODES["UNAUTHORIZED_KEY"].http_status == 401
+
+
+# --------------------------------------------------------------------------- unknown outcome
+
+
+@pytest.mark.parametrize("kind", ["drop_after_commit", "latency_after_commit"])
+async def test_lost_response_is_unknown_then_reconciled(
+    server: LiveServer, toss: TossClient, acontrol: httpx.AsyncClient, kind: str
+) -> None:
+    billing_key = await _billing_key(toss, acontrol)
+    await acontrol.post(
+        "/_sandbox/faults", json={"endpoint": "charge", "kind": kind, "count": 1, "seconds": 2}
+    )
+    async with TossClient(SECRET_KEY, base_url=server.url, timeout=0.5) as impatient:
+        with pytest.raises(TossOutcomeUnknown) as info:
+            await _charge(impatient, billing_key, "order-lost-1", key="k-lost")
+    assert not isinstance(info.value, TossError)
+    assert info.value.operation is Operation.CHARGE
+    assert outcome_of(info.value) is Outcome.UNKNOWN
+
+    found = await toss.get_payment_by_order("order-lost-1")
+    assert found is not None
+    assert found.status == "DONE"
+    resent = await _charge(toss, billing_key, "order-lost-1", key="k-lost")
+    assert resent == found
+    ledger = (await acontrol.get("/_sandbox/ledger")).json()
+    assert [e["orderId"] for e in ledger["entries"]] == ["order-lost-1"]
+
+
+async def test_in_flight_duplicate_is_transient(
+    server: LiveServer, toss: TossClient, acontrol: httpx.AsyncClient
+) -> None:
+    billing_key = await _billing_key(toss, acontrol)
+    await acontrol.post("/_sandbox/faults", json={"endpoint": "charge", "kind": "hold", "count": 1})
+    results: list[Payment] = []
+
+    async def first() -> None:
+        results.append(await _charge(toss, billing_key, "order-hold-1", key="k-hold"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        assert (await acontrol.post("/_sandbox/faults/held", json={"count": 1})).is_success
+        error = await _error(_charge(toss, billing_key, "order-hold-1", key="k-hold"))
+        assert (error.http_status, error.error_class) == (409, ErrorClass.TRANSIENT)
+        await acontrol.post("/_sandbox/faults/release")
+    assert await _charge(toss, billing_key, "order-hold-1", key="k-hold") == results[0]
+
+
+# --------------------------------------------------------------------------- wire format
+
+
+def _mock(handler: Callable[[httpx.Request], httpx.Response]) -> TossClient:
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return TossClient(SecretKey(SECRET_KEY), base_url="https://toss.test", http=http)
+
+
+PAYMENT_BODY = {
+    "paymentKey": "tviva20250301100000abcde",
+    "orderId": "order-wire-1",
+    "orderName": "Pro",
+    "status": "DONE",
+    "type": "BILLING",
+    "method": "카드",
+    "mId": "tvivarepublica",
+    "currency": "KRW",
+    "totalAmount": 4900.0,
+    "balanceAmount": 4900,
+    "suppliedAmount": 4455,
+    "vat": 445,
+    "requestedAt": "2025-03-01T10:00:00+09:00",
+    "approvedAt": "2025-03-01T10:00:01+09:00",
+    "cancels": None,
+    "brandNewField": {"nested": [1, 2, 3]},
+}
+
+
+async def test_request_shape() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=PAYMENT_BODY)
+
+    async with _mock(handler) as toss:
+        payment = await toss.charge(
+            "Z_t5vOvQxrj4499PeiJcjen28-V2RyqgYTwN44Rdzk0=",
+            CUSTOMER_KEY,
+            4900,
+            "order-wire-1",
+            "Pro",
+            customer_email="user@example.com",
+            idempotency_key="attempt-7f3e",
+        )
+        await toss.get_payment("tviva20250301100000abcde")
+    charge, lookup = seen
+    assert charge.method == "POST"
+    assert charge.url.raw_path == b"/v1/billing/Z_t5vOvQxrj4499PeiJcjen28-V2RyqgYTwN44Rdzk0%3D"
+    expected_auth = "Basic " + base64.b64encode(f"{SECRET_KEY}:".encode()).decode()
+    assert charge.headers["authorization"] == expected_auth
+    assert charge.headers["idempotency-key"] == "attempt-7f3e"
+    assert json.loads(charge.content) == {
+        "customerKey": CUSTOMER_KEY,
+        "amount": 4900,
+        "orderId": "order-wire-1",
+        "orderName": "Pro",
+        "customerEmail": "user@example.com",
+    }
+    assert charge.extensions["timeout"]["read"] >= 60
+    assert "idempotency-key" not in lookup.headers
+    assert lookup.extensions["timeout"]["read"] == 30
+    assert payment.total_amount == 4900
+    assert isinstance(payment.total_amount, int)
+    assert payment.approved_at == START + timedelta(seconds=1)
+
+
+async def test_failed_payment_lookup_carries_the_failure() -> None:
+    aborted = {**PAYMENT_BODY, "status": "ABORTED", "approvedAt": None, "balanceAmount": 0}
+    aborted["failure"] = {"code": "REJECT_CARD_PAYMENT", "message": "한도초과"}
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=aborted)
+
+    async with _mock(handler) as toss:
+        payment = await toss.get_payment_by_order("order wire/1")
+    assert seen[0].url.raw_path == b"/v1/payments/orders/order%20wire%2F1"
+    assert payment is not None
+    assert (payment.status, payment.approved_at, payment.fully_refunded) == ("ABORTED", None, False)
+    assert payment.failure is not None
+    assert (payment.failure.code, payment.failure.message) == ("REJECT_CARD_PAYMENT", "한도초과")
+
+
+@pytest.mark.parametrize(
+    "exc", [httpx.ReadTimeout, httpx.ConnectError, httpx.RemoteProtocolError, httpx.WriteTimeout]
+)
+async def test_transport_failures_are_outcome_unknown(exc: type[httpx.TransportError]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc("boom", request=request)
+
+    async with _mock(handler) as toss:
+        with pytest.raises(TossOutcomeUnknown) as info:
+            await toss.charge("bk", CUSTOMER_KEY, 4900, "order-x-1", "Pro", idempotency_key="k")
+    assert info.value.reason == exc.__name__
+    assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(200, content=b"<html>gateway</html>"),
+        httpx.Response(200, json={**PAYMENT_BODY, "paymentKey": None}),
+        httpx.Response(200, json={**PAYMENT_BODY, "totalAmount": 4900.5}),
+        httpx.Response(200, json={**PAYMENT_BODY, "totalAmount": True}),
+        httpx.Response(200, json={**PAYMENT_BODY, "approvedAt": "yesterday"}),
+        httpx.Response(200, json=[PAYMENT_BODY]),
+    ],
+)
+async def test_unreadable_success_is_outcome_unknown(response: httpx.Response) -> None:
+    async with _mock(lambda request: response) as toss:
+        with pytest.raises(TossMalformedResponse) as info:
+            await toss.charge("bk", CUSTOMER_KEY, 4900, "order-x-1", "Pro", idempotency_key="k")
+    assert isinstance(info.value, TossOutcomeUnknown)
+    assert outcome_of(info.value) is Outcome.UNKNOWN
+
+
+async def test_non_json_error_is_classified_by_status() -> None:
+    async with _mock(lambda request: httpx.Response(502, text="Bad Gateway")) as toss:
+        lookup = await _error(toss.get_payment("p"))
+        charge = await _error(toss.charge("bk", "c1", 4900, "order-x-1", "P", idempotency_key="k"))
+    assert (lookup.code, lookup.error_class) == ("HTTP_502", ErrorClass.TRANSIENT)
+    assert (charge.code, charge.error_class) == ("HTTP_502", ErrorClass.RECONCILE_FIRST)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+async def test_secret_key_never_shows(
+    server: LiveServer,
+    caplog: pytest.LogCaptureFixture,
+    toss: TossClient,
+    acontrol: httpx.AsyncClient,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="service.toss")
+    billing_key = await _billing_key(toss, acontrol)
+    other = "test_sk_" + "D" * 28
+    unauthorized = {"endpoint": "*", "kind": "error", "status": 401, "code": "UNAUTHORIZED_KEY"}
+    async with TossClient(other, base_url=server.url) as client:
+        payment = await _charge(client, billing_key, "order-secret-1")
+        texts = [repr(client), str(client)]
+        await acontrol.post("/_sandbox/faults", json={**unauthorized, "count": 1})
+        error = await _error(client.get_payment(payment.payment_key))
+    async with TossClient(other, base_url="http://127.0.0.1:9", timeout=1) as dead:
+        with pytest.raises(TossOutcomeUnknown) as unknown:
+            await _charge(dead, billing_key, "order-secret-2")
+    encoded = base64.b64encode(f"{other}:".encode()).decode()
+    texts += [repr(SecretKey(other)), str(SecretKey(other)), f"{SecretKey(other)}"]
+    texts += [str(error), repr(error), str(unknown.value), repr(unknown.value)]
+    texts += [record.getMessage() for record in caplog.records]
+    texts += [repr(payment), repr(Billing("bk-secret", CUSTOMER_KEY, "m", "카드", START, None))]
+    assert caplog.records, "the client logs its calls"
+    for text in texts:
+        assert other not in text
+        assert encoded not in text
+        assert billing_key not in text
+        assert "bk-secret" not in text
+        assert payment.secret is not None
+        assert payment.secret not in text
+    assert repr(SecretKey(other)) == "SecretKey(test, hidden)"
+    assert SecretKey(other).reveal() == other
+
+
+def test_secret_key_rules() -> None:
+    with pytest.raises(ValueError, match="format"):
+        SecretKey("test_sk_abc:")
+    with pytest.raises(ValueError, match="format"):
+        SecretKey(" test_sk_abc")
+    assert SecretKey("test_sk_abc") == SecretKey("test_sk_abc")
+    assert SecretKey("test_sk_abc") != SecretKey("test_sk_abd")
+    assert SecretKey("live_" + "sk_x").is_live
+    assert basic("test_sk_abc") == {"Authorization": SecretKey("test_sk_abc").authorization()}
