@@ -77,7 +77,7 @@ def _supervise(args: argparse.Namespace) -> int:
 def _sandbox(args: argparse.Namespace) -> int:
     from service.sandbox.app import serve
 
-    serve(host=args.host, port=args.port)
+    serve(host=args.host, port=args.port, webhook_url=args.webhook_url, seed=args.seed)
     return 0
 
 
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("sandbox", help="run the local Toss Payments sandbox")
     sb.add_argument("--host", default="127.0.0.1")
     sb.add_argument("--port", type=int, default=8100)
+    sb.add_argument("--webhook-url", default=None, help="where to deliver Toss-style webhooks")
+    sb.add_argument("--seed", type=int, default=0, help="seed for injected fault rates")
     sb.set_defaults(func=_sandbox)
     return parser
 

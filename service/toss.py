@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -58,6 +59,22 @@ DEFAULT_BASE_URL = "https://api.tosspayments.com"
 KST = timezone(timedelta(hours=9), "KST")
 
 _log = logging.getLogger(__name__)
+
+
+class _RedactBillingKeys(logging.Filter):
+    """httpx logs every request URL at INFO; a charge URL carries the billing key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _BILLING_PATH.sub(r"\1<billing-key>", str(a)) if "/v1/billing/" in str(a) else a
+                for a in record.args
+            )
+        return True
+
+
+_BILLING_PATH = re.compile(r"(/v1/billing/)(?!authorizations/)[^/?\s\"]+")
+logging.getLogger("httpx").addFilter(_RedactBillingKeys())
 _Result = TypeVar("_Result")
 
 

@@ -532,3 +532,27 @@ def test_secret_key_rules() -> None:
     assert SecretKey("test_sk_abc") != SecretKey("test_sk_abd")
     assert SecretKey("live_" + "sk_x").is_live
     assert basic("test_sk_abc") == {"Authorization": SecretKey("test_sk_abc").authorization()}
+
+
+def test_httpx_request_log_never_shows_the_billing_key() -> None:
+    # Importing service.toss (done at the top of this module) installs the filter.
+    record = logging.LogRecord(
+        "httpx",
+        logging.INFO,
+        __file__,
+        1,
+        'HTTP Request: %s %s "%s %d %s"',
+        (
+            "POST",
+            httpx.URL("https://api.tosspayments.com/v1/billing/Z_t5vOvQxrj4499PeiJcjen28-V2Ryq="),
+            "HTTP/1.1",
+            200,
+            "OK",
+        ),
+        None,
+    )
+    logger = logging.getLogger("httpx")
+    assert all(f.filter(record) for f in logger.filters)
+    message = record.getMessage()
+    assert "Z_t5vOvQxrj4499PeiJcjen28" not in message
+    assert "/v1/billing/<billing-key>" in message
