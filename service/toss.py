@@ -131,7 +131,8 @@ class ErrorClass(StrEnum):
     TRANSIENT = "transient"
     # The card refused this charge; a later dunning attempt (new orderId and key) may succeed.
     DECLINE = "decline"
-    # The billing key or card is unusable; the subscriber must register a card again.
+    # The billing key or card is unusable (or blocked until the subscriber calls the issuer):
+    # no automatic retry; the subscriber must register a card again.
     NEEDS_NEW_CARD = "needs_new_card"
     # Toss's state differs from ours (order exists, already cancelled ...): look it up first.
     RECONCILE_FIRST = "reconcile_first"
@@ -229,6 +230,21 @@ ERROR_CODES: Mapping[str, CodeSpec] = {
                 "입금 대기중인 결제는 부분 환불이 불가합니다.",
             ),
             "REFUND_REJECTED": (400, "환불이 거절됐습니다. 결제사에 문의 부탁드립니다."),
+            # The rest of the cancel endpoint's table (reference §5). It gives no retry advice
+            # for these, so they are not retried; most concern virtual-account refunds.
+            "INVALID_REFUND_ACCOUNT_INFO": (400, "환불 계좌번호와 예금주명이 일치하지 않습니다."),
+            "INVALID_REFUND_ACCOUNT_NUMBER": (400, "잘못된 환불 계좌번호입니다."),
+            "INVALID_BANK": (400, "유효하지 않은 은행입니다."),
+            "FORBIDDEN_BANK_REFUND_REQUEST": (400, "고객 계좌가 입금이 되지 않는 상태입니다."),
+            "EXCEED_CANCEL_AMOUNT_DISCOUNT_AMOUNT": (
+                400,
+                "즉시할인금액보다 적은 금액은 부분취소가 불가능합니다.",
+            ),
+            "NOT_CANCELABLE_PAYMENT_FOR_DORMANT_USER": (
+                403,
+                "휴면 처리된 회원의 결제는 취소할 수 없습니다.",
+            ),
+            "EXCEED_CANCEL_LIMIT": (403, "취소 가능한 한도를 초과했습니다."),
         },
     ),
     **_group(
@@ -255,6 +271,12 @@ ERROR_CODES: Mapping[str, CodeSpec] = {
                 400,
                 "생년월일 정보는 6자리의 yyMMdd 형식이어야 합니다.",
             ),
+            # Reference §9b: "no (contact issuer)". Not a decline to dun: every further
+            # attempt is one more authentication the issuer counts; the subscriber must act.
+            "EXCEED_MAX_AUTH_COUNT": (
+                403,
+                "최대 인증 횟수를 초과했습니다. 카드사로 문의해주세요.",
+            ),
         },
     ),
     **_group(
@@ -263,10 +285,6 @@ ERROR_CODES: Mapping[str, CodeSpec] = {
             "REJECT_CARD_PAYMENT": (403, "한도초과 혹은 잔액부족으로 결제에 실패했습니다."),
             "REJECT_CARD_COMPANY": (403, "결제 승인이 거절되었습니다."),
             "REJECT_ACCOUNT_PAYMENT": (403, "잔액부족으로 결제에 실패했습니다."),
-            "EXCEED_MAX_AUTH_COUNT": (
-                403,
-                "최대 인증 횟수를 초과했습니다. 카드사로 문의해주세요.",
-            ),
             "EXCEED_MAX_DAILY_PAYMENT_COUNT": (400, "하루 결제 가능 횟수를 초과했습니다."),
             "EXCEED_MAX_PAYMENT_AMOUNT": (400, "하루 결제 가능 금액을 초과했습니다."),
             "EXCEED_MAX_AMOUNT": (400, "거래금액 한도를 초과했습니다."),

@@ -333,6 +333,11 @@ async def _cancel(request: Request) -> Result:
     tax_free = _amount(body, "taxFreeAmount") or 0
     if tax_free < 0:
         raise ApiError("INVALID_REQUEST", "taxFreeAmount 값이 올바르지 않습니다.")
+    # "must equal the approved currency" (§5); every sandbox payment is KRW. The code Toss
+    # answers a mismatch with is undocumented.
+    currency = _text(body, "currency")
+    if currency is not None and currency != "KRW":
+        raise ApiError("INVALID_REQUEST", "취소 통화가 결제 통화와 일치하지 않습니다.")
     return sandbox_of(request).store.cancel(
         request.path_params["paymentKey"], reason, amount, refundable, tax_free
     )

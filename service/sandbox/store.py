@@ -305,7 +305,11 @@ class Store:
             full = cancel_amount == payment.balance
             if full:
                 tax_free_amount = payment.tax_free  # the rest of everything goes
-            if not 0 <= payment.tax_free - tax_free_amount <= payment.balance - cancel_amount:
+            # The tax-free part of a cancel is part of the cancelled amount, and what stays
+            # tax-free cannot exceed what stays paid (the error code is undocumented).
+            if tax_free_amount > cancel_amount or not (
+                0 <= payment.tax_free - tax_free_amount <= payment.balance - cancel_amount
+            ):
                 raise ApiError("INVALID_REQUEST", "취소할 면세 금액이 올바르지 않습니다.")
             first_and_full = full and not payment.cancels
             exemption = payment.tax_exemption if full else 0
@@ -464,6 +468,9 @@ class Store:
             "receipt": {"url": _receipt_url(p.payment_key)} if done else None,
             "checkout": {"url": f"{_API}/v1/payments/{p.payment_key}/checkout"},
             "currency": "KRW",
+            # Easy-pay only; null on a card billing payment.
+            "easyPayAmount": None,
+            "easyPayDiscountAmount": None,
             "totalAmount": p.total,
             "balanceAmount": p.balance,
             "suppliedAmount": supplied,

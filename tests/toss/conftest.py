@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -11,6 +11,7 @@ import pytest
 from sandbox_harness import SECRET_KEY, START, LiveServer, WebhookSink, basic
 
 from service.sandbox import Clock, build_app
+from service.toss import TossClient
 
 
 @pytest.fixture
@@ -50,6 +51,20 @@ def api(server: LiveServer) -> Iterator[httpx.Client]:
 @pytest.fixture
 def control(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+async def toss(server: LiveServer) -> AsyncIterator[TossClient]:
+    """service.toss's client against the shared sandbox."""
+    async with TossClient(SECRET_KEY, base_url=server.url) as client:
+        yield client
+
+
+@pytest.fixture
+async def acontrol(server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
+    """The sandbox's control API, for async tests."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         yield client
 
 

@@ -105,6 +105,39 @@ def test_card_registration_in_a_real_browser(server: LiveServer, merchant: LiveS
                 "startBilling({successUrl: '/billing/success'}).then(() => 'ok', e => e.code)"
             )
             assert relative == "INCORRECT_SUCCESS_URL_FORMAT"
+            relative_fail = page.evaluate(
+                "startBilling({failUrl: 'billing/fail'}).then(() => 'ok', e => e.code)"
+            )
+            assert relative_fail == "INCORRECT_FAIL_URL_FORMAT"
+            no_method = page.evaluate(
+                "startBilling({method: undefined}).then(() => 'ok', e => e.code)"
+            )
+            assert no_method == "NOT_SUPPORTED_METHOD"
+            # payment({customerKey}) checks the key at once (SDK rule: 2-50 of A-Za-z0-9-_=.@).
+            codes = page.evaluate(
+                """([clientKey, keys]) => keys.map((customerKey) => {
+                    try { TossPayments(clientKey).payment({ customerKey }); return "ok"; }
+                    catch (e) { return e.code; }
+                })""",
+                [CLIENT_KEY, ["test_sk_abcdef12", "ab", "c" * 50, "c" * 51, "a", "bad key!"]],
+            )
+            assert codes == [
+                "INSECURE_KEY_USAGE",
+                "ok",
+                "ok",
+                "INVALID_CUSTOMER_KEY",
+                "INVALID_CUSTOMER_KEY",
+                "INVALID_CUSTOMER_KEY",
+            ]
+            anonymous = page.evaluate(
+                """(clientKey) => TossPayments(clientKey)
+                    .payment({ customerKey: TossPayments.ANONYMOUS })
+                    .requestBillingAuth({ method: "CARD", successUrl: location.href,
+                                          failUrl: location.href })
+                    .then(() => "ok", (e) => e.code)""",
+                CLIENT_KEY,
+            )
+            assert anonymous == "INVALID_CUSTOMER_KEY"  # billing needs a real customerKey
 
             # Cancelling the card window lands on failUrl with PAY_PROCESS_CANCELED.
             page.click("#subscribe")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, timedelta
 
 import anyio
@@ -35,21 +35,10 @@ from service.toss import (
     classify,
     classify_decline_code,
     outcome_of,
+    parse_time,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def toss(server: LiveServer) -> AsyncIterator[TossClient]:
-    async with TossClient(SECRET_KEY, base_url=server.url) as client:
-        yield client
-
-
-@pytest.fixture
-async def acontrol(server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-        yield client
 
 
 async def _billing_key(toss: TossClient, acontrol: httpx.AsyncClient, card: str = GOOD_CARD) -> str:
@@ -387,6 +376,16 @@ PAYMENT_BODY = {
 }
 
 
+BILLING_BODY = {
+    "mId": "tvivarepublica",
+    "customerKey": CUSTOMER_KEY,
+    "authenticatedAt": "2025-03-01T10:00:00+09:00",
+    "method": "카드",
+    "billingKey": "Z_t5vOvQxrj4499PeiJcjen28-V2RyqgYTwN44Rdzk0=",
+    "card": None,
+}
+
+
 async def test_request_shape() -> None:
     seen: list[httpx.Request] = []
 
@@ -424,6 +423,84 @@ async def test_request_shape() -> None:
     assert payment.total_amount == 4900
     assert isinstance(payment.total_amount, int)
     assert payment.approved_at == START + timedelta(seconds=1)
+
+
+async def test_slow_calls_get_at_least_60_seconds() -> None:
+    # §3/§6: charge and transactions can take up to 60 s; issue and cancel move money or keys.
+    seen: dict[str, httpx.Request] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen[f"{request.method} {request.url.path}"] = request
+        if request.url.path == "/v1/transactions":
+            return httpx.Response(200, json=[])
+        if request.method == "DELETE":
+            return httpx.Response(200)
+        if request.url.path.endswith("/issue"):
+            return httpx.Response(200, json={**BILLING_BODY})
+        return httpx.Response(200, json=PAYMENT_BODY)
+
+    async with _mock(handler) as toss:
+        await toss.issue_billing_key("bln_x", CUSTOMER_KEY)
+        await toss.cancel("pk", "환불", idempotency_key="k")
+        assert [t async for t in toss.list_transactions(START, START)] == []
+        await toss.get_payment_by_order("order-wire-1")
+        assert await toss.delete_billing_key("bk") is None
+    read = {name: request.extensions["timeout"]["read"] for name, request in seen.items()}
+    assert read == {
+        "POST /v1/billing/authorizations/issue": 60,
+        "POST /v1/payments/pk/cancel": 60,
+        "GET /v1/transactions": 60,
+        "GET /v1/payments/orders/order-wire-1": 30,
+        "DELETE /v1/billing/bk": 30,
+    }
+    assert seen["GET /v1/transactions"].url.params["limit"] == "100"
+    assert "idempotency-key" not in seen["DELETE /v1/billing/bk"].headers
+
+
+async def test_v2_error_envelope_is_read() -> None:
+    # §9a: newer resource APIs wrap the error; the client reads either shape.
+    body = {
+        "version": "2022-11-16",
+        "traceId": "t-1",
+        "error": {"code": "COMMON_ERROR", "message": "일시적인 오류"},
+    }
+    async with _mock(lambda request: httpx.Response(500, json=body)) as toss:
+        error = await _error(toss.get_payment("pk"))
+    assert (error.code, error.message, error.http_status) == ("COMMON_ERROR", "일시적인 오류", 500)
+    assert error.error_class is ErrorClass.TRANSIENT
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # §10: webhook createdAt has no offset (Korea time); a real one had 5 digits.
+        ("2026-01-02T14:46:59.65327", (2026, 1, 2, 14, 46, 59, 653270)),
+        ("2025-03-01T10:00:30.000000", (2025, 3, 1, 10, 0, 30, 0)),
+        ("2024-09-05T12:19:21+09:00", (2024, 9, 5, 12, 19, 21, 0)),
+        ("2024-09-05T03:19:21Z", (2024, 9, 5, 12, 19, 21, 0)),
+    ],
+)
+def test_parse_time_is_lenient(text: str, expected: tuple[int, ...]) -> None:
+    parsed = parse_time(text).astimezone(START.tzinfo)
+    assert parsed.utcoffset() == timedelta(hours=9)
+    fields = (parsed.year, parsed.month, parsed.day, parsed.hour, parsed.minute, parsed.second)
+    assert (*fields, parsed.microsecond) == expected
+
+
+async def test_order_ids_with_equals_signs_round_trip(
+    toss: TossClient, acontrol: httpx.AsyncClient
+) -> None:
+    billing_key = await _billing_key(toss, acontrol)
+    payment = await _charge(toss, billing_key, "order=eq=1")
+    assert payment.order_id == "order=eq=1"
+    assert await toss.get_payment_by_order("order=eq=1") == payment
+    await toss.delete_billing_key(billing_key)
+    again = await _error(toss.delete_billing_key(billing_key))
+    assert (again.code, again.http_status, again.operation) == (
+        "ALREADY_REMOVED_BILLING_KEY",
+        400,
+        Operation.DELETE_BILLING_KEY,
+    )
 
 
 async def test_failed_payment_lookup_carries_the_failure() -> None:

@@ -25,6 +25,64 @@ from sandbox_harness import (
 TOSS_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+09:00")
 PAYMENT_KEY = re.compile(r"tviva\d{14}[A-Za-z0-9]{5}")
 TRANSACTION_KEY = re.compile(r"txrd_[a-z0-9]{27}")
+# §3's table of top-level Payment fields (API version 2022-11-16).
+PAYMENT_FIELDS = {
+    "version",
+    "paymentKey",
+    "type",
+    "orderId",
+    "orderName",
+    "mId",
+    "currency",
+    "method",
+    "totalAmount",
+    "balanceAmount",
+    "status",
+    "requestedAt",
+    "approvedAt",
+    "useEscrow",
+    "lastTransactionKey",
+    "transactionKey",
+    "suppliedAmount",
+    "vat",
+    "cultureExpense",
+    "taxFreeAmount",
+    "taxExemptionAmount",
+    "cancels",
+    "isPartialCancelable",
+    "card",
+    "virtualAccount",
+    "mobilePhone",
+    "giftCertificate",
+    "transfer",
+    "easyPay",
+    "cashReceipt",
+    "cashReceipts",
+    "discount",
+    "secret",
+    "receipt",
+    "checkout",
+    "country",
+    "failure",
+    "metadata",
+    "easyPayAmount",
+    "easyPayDiscountAmount",
+}
+CANCEL_FIELDS = {
+    "cancelAmount",
+    "cancelReason",
+    "taxFreeAmount",
+    "taxExemptionAmount",
+    "refundableAmount",
+    "cardDiscountAmount",
+    "transferDiscountAmount",
+    "easyPayDiscountAmount",
+    "canceledAt",
+    "transactionKey",
+    "receiptKey",
+    "cancelStatus",
+    "cancelRequestId",
+}
 
 
 def error_of(response: httpx.Response) -> tuple[int, str]:
@@ -45,8 +103,11 @@ def error_of(response: httpx.Response) -> tuple[int, str]:
         {"Authorization": "Basic !!!not-base64!!!"},
         basic("test_ck_D5GePWvyJnrK0W0k6q8gLzN97Eoq"),  # a client key is not a secret key
         basic("sk_without_environment_prefix"),
+        # §1: a UTF-8 BOM encoded in front of the key ("77u/...") is a different key.
+        {"Authorization": "Basic " + base64.b64encode(f"\ufeff{SECRET_KEY}:".encode()).decode()},
+        basic(":"),
     ],
-    ids=["missing", "bearer", "garbage", "client-key", "no-prefix"],
+    ids=["missing", "bearer", "garbage", "client-key", "no-prefix", "bom", "empty-key"],
 )
 def test_bad_credentials_are_401_unauthorized_key(
     server: LiveServer, headers: dict[str, str]
@@ -79,6 +140,12 @@ def test_widget_keys_are_refused_on_billing_routes(
     assert error_of(response) == (400, "INVALID_API_KEY")
 
 
+def test_legacy_ak_secret_keys_are_accepted(server: LiveServer) -> None:
+    # §1: very old docs show test_ak_ secret keys; unknown prefixes are not hard-rejected.
+    response = httpx.get(f"{server.url}/v1/payments/nope", headers=basic("test_ak_legacy01"))
+    assert error_of(response) == (404, "NOT_FOUND_PAYMENT")
+
+
 def test_widget_keys_work_on_payment_lookups(server: LiveServer) -> None:
     response = httpx.get(f"{server.url}/v1/payments/nope", headers=basic(WIDGET_SECRET_KEY))
     assert error_of(response) == (404, "NOT_FOUND_PAYMENT")
@@ -109,6 +176,19 @@ def test_issue_from_auth_key_returns_billing_object(
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     billing = response.json()
+    assert set(billing) == {
+        "mId",
+        "customerKey",
+        "authenticatedAt",
+        "method",
+        "billingKey",
+        "card",
+        "transfers",
+        "cardCompany",  # API version 2022-11-16 still has it (removed from 2024-06-01)
+        "cardNumber",
+    }
+    assert billing["transfers"] is None
+    assert billing["cardCompany"] == "하나"
     assert billing["mId"] == "tvivarepublica"
     assert billing["customerKey"] == CUSTOMER_KEY
     assert billing["authenticatedAt"] == "2025-03-01T10:00:00+09:00"
@@ -212,6 +292,44 @@ def test_unknown_card_type_issues_but_cannot_charge(api: httpx.Client, number: s
     assert error_of(response) == (400, "NOT_SUPPORTED_CARD_TYPE")
 
 
+@pytest.mark.parametrize(
+    ("customer_key", "expected"),
+    [
+        ("ab", 200),
+        ("c" * 50, 200),
+        ("c" * 51, 200),  # the SDK's 50-character limit is not the API's
+        ("c" * 300, 200),
+        ("bad key!", 200),  # measured: the documented charset is not enforced
+        ("c", (400, "INVALID_CUSTOMER_KEY")),
+        ("c" * 301, (500, "FAILED_DB_PROCESSING")),  # measured
+    ],
+)
+def test_api_customer_key_rules(
+    api: httpx.Client, customer_key: str, expected: int | tuple[int, str]
+) -> None:
+    response = _card_issue(api, GOOD_CARD, customerKey=customer_key)
+    if expected == 200:
+        assert response.status_code == 200
+        billing = response.json()
+        assert billing["customerKey"] == customer_key
+        paid = charge(api, billing["billingKey"], "order-ck-1", customer_key=customer_key)
+        assert paid.json()["status"] == "DONE"
+    else:
+        assert error_of(response) == expected
+
+
+def test_issue_with_an_over_long_customer_key_fails_in_the_database(
+    api: httpx.Client, control: httpx.Client
+) -> None:
+    auth_key = mint_auth_key(control, CUSTOMER_KEY)
+    response = api.post(
+        "/v1/billing/authorizations/issue", json={"authKey": auth_key, "customerKey": "c" * 301}
+    )
+    assert error_of(response) == (500, "FAILED_DB_PROCESSING")
+    body = {"authKey": auth_key, "customerKey": CUSTOMER_KEY}
+    assert api.post("/v1/billing/authorizations/issue", json=body).status_code == 200
+
+
 # --------------------------------------------------------------------------- §3 charge
 
 
@@ -222,6 +340,7 @@ def test_charge_returns_a_complete_billing_payment(
     response = charge(api, billing_key, "order-0001", 4900)
     assert response.status_code == 200
     p = response.json()
+    assert set(p) == PAYMENT_FIELDS
     assert PAYMENT_KEY.fullmatch(p["paymentKey"])
     assert p["paymentKey"].startswith("tviva20250301100000")
     assert TRANSACTION_KEY.fullmatch(p["lastTransactionKey"])
@@ -250,14 +369,46 @@ def test_charge_returns_a_complete_billing_payment(
         f"https://api.tosspayments.com/v1/payments/{p['paymentKey']}/checkout"
     )
     card = p["card"]
+    assert set(card) == {
+        "amount",
+        "issuerCode",
+        "acquirerCode",
+        "number",
+        "installmentPlanMonths",
+        "approveNo",
+        "useCardPoint",
+        "cardType",
+        "ownerType",
+        "acquireStatus",
+        "isInterestFree",
+        "interestPayer",
+    }
+    assert (card["useCardPoint"], card["isInterestFree"], card["interestPayer"]) == (
+        False,
+        False,
+        None,
+    )
     assert card["number"] == "94100012****789*"
     assert card["amount"] == 4900
     assert card["acquireStatus"] == "READY"
     assert card["installmentPlanMonths"] == 0
     assert re.fullmatch(r"\d{8}", card["approveNo"])
     assert (card["cardType"], card["ownerType"], card["issuerCode"]) == ("신용", "개인", "21")
-    for empty in ("virtualAccount", "transfer", "mobilePhone", "easyPay", "cashReceipt"):
-        assert p[empty] is None
+    for empty in (
+        "virtualAccount",
+        "transfer",
+        "mobilePhone",
+        "giftCertificate",
+        "easyPay",
+        "cashReceipt",
+        "cashReceipts",
+        "discount",
+        "metadata",
+        "easyPayAmount",
+        "easyPayDiscountAmount",
+        "transactionKey",  # documented like lastTransactionKey, null in recent real bodies
+    ):
+        assert p[empty] is None, empty
 
 
 @pytest.mark.parametrize(
@@ -461,6 +612,22 @@ def test_test_code_header_is_ignored_with_live_keys(
     assert response.json()["status"] == "DONE"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/v1/payments/nope", (404, "NOT_FOUND_PAYMENT")),
+        ("GET", "/v1/payments/orders/order-none", (404, "NOT_FOUND_PAYMENT")),
+        ("DELETE", "/v1/billing/no-such-key", (404, "NOT_FOUND_BILLING")),
+    ],
+)
+def test_test_code_header_applies_to_posts_only(
+    api: httpx.Client, method: str, path: str, expected: tuple[int, str]
+) -> None:
+    # §14 item 4 ("on all POSTs"): other methods answer as they would without it.
+    headers = {"TossPayments-Test-Code": "FORBIDDEN_CONSECUTIVE_REQUEST"}
+    assert error_of(api.request(method, path, headers=headers)) == expected
+
+
 # --------------------------------------------------------------------------- §5 cancel
 
 
@@ -484,7 +651,12 @@ def test_full_cancel_then_already_canceled(api: httpx.Client, control: httpx.Cli
     assert (p["balanceAmount"], p["suppliedAmount"], p["vat"]) == (0, 0, 0)
     assert p["totalAmount"] == 10000
     (entry,) = p["cancels"]
+    assert set(entry) == CANCEL_FIELDS
     assert entry["cancelAmount"] == 10000
+    assert (entry["taxFreeAmount"], entry["taxExemptionAmount"]) == (0, 0)
+    discounts = ("cardDiscountAmount", "transferDiscountAmount", "easyPayDiscountAmount")
+    assert [entry[d] for d in discounts] == [0, 0, 0]
+    assert (entry["receiptKey"], entry["cancelRequestId"]) == (None, None)
     assert entry["refundableAmount"] == 0
     assert entry["cancelReason"] == "환불"
     assert entry["cancelStatus"] == "DONE"
@@ -536,7 +708,51 @@ def test_tax_exempt_payment_cannot_be_partially_cancelled(
     assert payment["isPartialCancelable"] is False
     partial = _cancel(api, payment["paymentKey"], cancelAmount=1000)
     assert error_of(partial) == (403, "NOT_ALLOWED_PARTIAL_REFUND")
-    assert _cancel(api, payment["paymentKey"]).json()["status"] == "CANCELED"
+    full = _cancel(api, payment["paymentKey"]).json()
+    assert full["status"] == "CANCELED"
+    assert (full["balanceAmount"], full["taxExemptionAmount"]) == (0, 0)
+    assert full["cancels"][0]["taxExemptionAmount"] == 500
+
+
+def test_cancel_reduces_the_tax_free_amount_and_the_vat(
+    api: httpx.Client, control: httpx.Client
+) -> None:
+    billing_key = new_billing_key(api, control)
+    payment = charge(api, billing_key, "order-taxfree", 11000, taxFreeAmount=10000).json()
+    assert (payment["suppliedAmount"], payment["vat"]) == (909, 91)
+    partial = _cancel(api, payment["paymentKey"], cancelAmount=5500, taxFreeAmount=5000).json()
+    assert (partial["balanceAmount"], partial["taxFreeAmount"]) == (5500, 5000)
+    # vat = round((5500 - 5000) / 11) = 45; supplied = 5500 - 5000 - 45
+    assert (partial["suppliedAmount"], partial["vat"]) == (455, 45)
+    assert partial["cancels"][0]["taxFreeAmount"] == 5000
+    rest = _cancel(api, payment["paymentKey"]).json()
+    assert (rest["balanceAmount"], rest["taxFreeAmount"], rest["vat"]) == (0, 0, 0)
+    assert [c["taxFreeAmount"] for c in rest["cancels"]] == [5000, 5000]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"cancelAmount": 1000, "taxFreeAmount": 2000},  # more tax-free than cancelled
+        {"cancelAmount": 1500, "taxFreeAmount": 0},  # would leave 10000 tax-free of 9500 paid
+        {"cancelAmount": 1000, "taxFreeAmount": -1},
+        {"cancelAmount": 1000, "currency": "USD"},  # §5: must equal the approved currency
+    ],
+)
+def test_cancel_tax_free_and_currency_must_fit_the_payment(
+    api: httpx.Client, control: httpx.Client, body: dict[str, object]
+) -> None:
+    billing_key = new_billing_key(api, control)
+    payment = charge(api, billing_key, "order-taxfree-bad", 11000, taxFreeAmount=10000).json()
+    assert error_of(_cancel(api, payment["paymentKey"], **body)) == (400, "INVALID_REQUEST")
+    after = api.get(f"/v1/payments/{payment['paymentKey']}").json()
+    assert (after["balanceAmount"], after["taxFreeAmount"], after["cancels"]) == (
+        11000,
+        10000,
+        None,
+    )
+    ok = _cancel(api, payment["paymentKey"], cancelAmount=1000, taxFreeAmount=1000, currency="KRW")
+    assert ok.json()["balanceAmount"] == 10000
 
 
 @pytest.mark.parametrize(
@@ -634,10 +850,35 @@ def test_transactions_filter_and_page(
     assert [r["orderId"] for r in date_only] == ["order-tx-next-day"]
 
 
+def test_transactions_limit_defaults_to_100_and_goes_up_to_5000(
+    api: httpx.Client, control: httpx.Client
+) -> None:
+    # One approval and 100 partial cancels: 101 transactions.
+    payment = charge(api, new_billing_key(api, control), "order-tx-many", 10100).json()
+    for _ in range(100):
+        assert _cancel(api, payment["paymentKey"], cancelAmount=100).status_code == 200
+    window = {"startDate": "2025-03-01", "endDate": "2025-03-02"}
+    default = api.get("/v1/transactions", params=window).json()
+    assert len(default) == 100
+    rest = api.get(
+        "/v1/transactions", params={**window, "startingAfter": default[-1]["transactionKey"]}
+    ).json()
+    assert len(rest) == 1
+    assert rest[0]["status"] == "PARTIAL_CANCELED"
+    everything = api.get("/v1/transactions", params={**window, "limit": 5000}).json()
+    assert [t["transactionKey"] for t in everything] == [
+        t["transactionKey"] for t in default + rest
+    ]
+
+
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
         ({"endDate": "2025-03-02"}, (400, "INVALID_REQUIRED_PARAM")),
+        (
+            {"startDate": "2025-03-01", "endDate": "2025-03-02", "limit": 0},
+            (400, "INVALID_REQUEST"),
+        ),
         ({"startDate": "2025/03/01", "endDate": "2025-03-02"}, (400, "INVALID_REQUEST")),
         (
             {"startDate": "2025-03-01", "endDate": "2025-03-02", "limit": 5001},

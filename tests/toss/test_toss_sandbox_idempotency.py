@@ -11,6 +11,7 @@ from sandbox_harness import (
     LiveServer,
     basic,
     charge,
+    mint_auth_key,
     new_billing_key,
 )
 
@@ -32,7 +33,7 @@ def test_same_key_replays_the_first_response_whatever_the_body(
     replay = charge(api, billing_key, "order-idem-2", 9900, headers=_key("k-1"))
     assert first.status_code == replay.status_code == 200
     assert replay.content == first.content
-    assert replay.headers["idempotency-key"] == "k-1"
+    assert first.headers["idempotency-key"] == replay.headers["idempotency-key"] == "k-1"
     assert [e["orderId"] for e in _approvals(control)] == ["order-idem-1"]
 
 
@@ -57,6 +58,33 @@ def test_test_code_errors_are_stored_under_the_key(
     assert retry.content == first.content
 
 
+def test_issue_is_idempotent_too(api: httpx.Client, control: httpx.Client) -> None:
+    # "every POST API": a lost issuance answer can be fetched again with the same key,
+    # although the one-time authKey is used up.
+    auth_key = mint_auth_key(control, CUSTOMER_KEY)
+    body = {"authKey": auth_key, "customerKey": CUSTOMER_KEY}
+    path = "/v1/billing/authorizations/issue"
+    first = api.post(path, json=body, headers=_key("issue-1"))
+    replay = api.post(path, json=body, headers=_key("issue-1"))
+    fresh = api.post(path, json=body, headers=_key("issue-2"))
+    assert first.status_code == replay.status_code == 200
+    assert replay.content == first.content
+    assert (fresh.status_code, fresh.json()["code"]) == (400, "INVALID_BILLING_AUTH")
+
+
+def test_in_flight_answer_from_a_test_code_is_not_stored(
+    api: httpx.Client, control: httpx.Client
+) -> None:
+    # 409 means "not processed": the same key then runs the request (§8, §12).
+    billing_key = new_billing_key(api, control)
+    headers = {**_key("k-409"), "TossPayments-Test-Code": "IDEMPOTENT_REQUEST_PROCESSING"}
+    busy = charge(api, billing_key, "order-409", headers=headers)
+    done = charge(api, billing_key, "order-409", headers=_key("k-409"))
+    assert (busy.status_code, busy.json()["code"]) == (409, "IDEMPOTENT_REQUEST_PROCESSING")
+    assert (done.status_code, done.json()["status"]) == (200, "DONE")
+    assert [e["orderId"] for e in _approvals(control)] == ["order-409"]
+
+
 def test_key_is_scoped_by_url(api: httpx.Client, control: httpx.Client) -> None:
     first_key = new_billing_key(api, control)
     second_key = new_billing_key(api, control)
@@ -79,7 +107,10 @@ def test_key_length_limit(api: httpx.Client, control: httpx.Client) -> None:
     billing_key = new_billing_key(api, control)
     too_long = charge(api, billing_key, "order-long-1", headers=_key("k" * 301))
     assert too_long.status_code == 400
-    assert too_long.json()["code"] == "INVALID_IDEMPOTENCY_KEY"
+    assert too_long.json() == {
+        "code": "INVALID_IDEMPOTENCY_KEY",
+        "message": "멱등키는 300자 이하여야 합니다.",
+    }
     assert charge(api, billing_key, "order-long-2", headers=_key("k" * 300)).status_code == 200
     assert [e["orderId"] for e in _approvals(control)] == ["order-long-2"]
 
@@ -115,6 +146,8 @@ def test_header_is_ignored_on_get_and_delete(api: httpx.Client, control: httpx.C
     api.post(f"{path}/cancel", json={"cancelReason": "환불", "cancelAmount": 1000})
     after = api.get(path, headers=_key("get-key"))
     assert (before.json()["balanceAmount"], after.json()["balanceAmount"]) == (10000, 9000)
+    # Ignored means not even checked: a key over 300 characters is no error on a GET.
+    assert api.get(path, headers=_key("g" * 301)).json()["balanceAmount"] == 9000
     first_delete = api.delete(f"/v1/billing/{billing_key}", headers=_key("del-key"))
     second_delete = api.delete(f"/v1/billing/{billing_key}", headers=_key("del-key"))
     assert first_delete.status_code == 200

@@ -124,3 +124,16 @@ def test_cancel_or_bad_card_redirects_to_fail_url(
     query = parse_qs(location.query)
     assert query["code"] == [code]
     assert query["message"][0]
+
+
+def test_fail_url_keeps_its_own_query(control: httpx.Client) -> None:
+    # §11: {failUrl}?code=…&message=…, with whatever query failUrl already had.
+    response = _submit(control, action="cancel", failUrl=FAIL_URL + "?plan=pro")
+    assert response.status_code == 303
+    location = urlsplit(response.headers["location"])
+    assert f"https://{location.netloc}{location.path}" == FAIL_URL
+    assert parse_qs(location.query) == {
+        "plan": ["pro"],
+        "code": ["PAY_PROCESS_CANCELED"],
+        "message": ["사용자에 의해 결제가 취소되었습니다."],
+    }

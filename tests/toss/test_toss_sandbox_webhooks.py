@@ -48,7 +48,15 @@ def test_cancel_sends_payment_status_changed(
         r"whtrans_a01[a-z0-9]{24}", request.headers["tosspayments-webhook-transmission-id"]
     )
     assert "tosspayments-webhook-signature" not in request.headers
+    # Success means HTTP 200 within 10 s: the delivery gives up reading after 10 s.
+    assert request.extensions["timeout"] == {
+        "connect": 10.0,
+        "read": 10.0,
+        "write": 10.0,
+        "pool": 10.0,
+    }
     body = json.loads(request.content)
+    assert set(body) == {"eventType", "createdAt", "data"}
     assert body["eventType"] == "PAYMENT_STATUS_CHANGED"
     assert body["createdAt"] == "2025-03-01T10:00:30.000000"
     assert CREATED_AT.fullmatch(body["createdAt"])
@@ -63,9 +71,26 @@ def test_delete_sends_billing_deleted(
     billing_key = new_billing_key(api, hooked)
     api.delete(f"/v1/billing/{billing_key}")
     (request,) = _received(webhook_sink, 1)
+    assert request.headers["tosspayments-webhook-transmission-retried-count"] == "0"
+    assert "tosspayments-webhook-signature" not in request.headers
     body = json.loads(request.content)
-    assert body["eventType"] == "BILLING_DELETED"
-    assert body["data"] == {"billingKey": billing_key, "reason": "삭제 API 요청"}
+    assert body == {
+        "eventType": "BILLING_DELETED",
+        "createdAt": "2025-03-01T10:00:00.000000",
+        "data": {"billingKey": billing_key, "reason": "삭제 API 요청"},
+    }
+
+
+def test_full_cancel_sends_canceled(
+    api: httpx.Client, hooked: httpx.Client, webhook_sink: WebhookSink
+) -> None:
+    payment = charge(api, new_billing_key(api, hooked), "order-hook-2", 10000).json()
+    api.post(f"/v1/payments/{payment['paymentKey']}/cancel", json={"cancelReason": "해지"})
+    (request,) = _received(webhook_sink, 1)
+    body = json.loads(request.content)
+    assert body["eventType"] == "PAYMENT_STATUS_CHANGED"
+    assert (body["data"]["status"], body["data"]["balanceAmount"]) == ("CANCELED", 0)
+    assert body["data"]["paymentKey"] == payment["paymentKey"]
 
 
 def test_failed_deliveries_follow_the_retry_schedule(

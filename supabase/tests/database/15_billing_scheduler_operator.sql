@@ -1,0 +1,294 @@
+-- The scheduler (billing.tick and the doorbell) and the operator functions: renewals, cancels at
+-- period end, grace, credit expiry, lease expiry, price versions, immediate cancel with a prorated
+-- refund, manual retries and dunning configuration.
+begin;
+select plan(54);
+
+-- Identity switches for the rest of the transaction: a subscriber (role authenticated with JWT
+-- claims, as PostgREST sets them), the service role, or back to the owner.
+create function pg_temp.as_user(sub text) returns void language plpgsql as $$
+begin
+  perform set_config('request.jwt.claims', json_build_object('sub', sub, 'role', 'authenticated',
+                                                             'email', sub || '@example.com')::text, true);
+  perform set_config('role', 'authenticated', true);
+end $$;
+create function pg_temp.as_service() returns void language plpgsql as $$
+begin
+  perform set_config('request.jwt.claims', '', true);
+  perform set_config('role', 'billing_service', true);
+end $$;
+create function pg_temp.as_owner() returns void language plpgsql as $$
+begin
+  perform set_config('request.jwt.claims', '', true);
+  perform set_config('role', 'none', true);
+end $$;
+-- Runs SQL (format() with args) as billing_service; assertions run as postgres, since pgTAP lives
+-- in schema extensions, which the service role cannot use.
+create function pg_temp.svc(sql text, variadic args text[] default '{}') returns jsonb language plpgsql as $$
+declare
+  r jsonb;
+begin
+  perform pg_temp.as_service();
+  execute format(sql, variadic args) into r;
+  perform pg_temp.as_owner();
+  return r;
+end $$;
+-- A Toss Payment object as the charge or a lookup returns it.
+create function pg_temp.payment(order_id text, amount bigint) returns jsonb language sql as $$
+  select jsonb_build_object('paymentKey', 'pk_' || order_id, 'orderId', order_id, 'status', 'DONE', 'method', '카드',
+                            'totalAmount', amount, 'balanceAmount', amount, 'approvedAt', '2028-01-10T10:00:00+09:00',
+                            'secret', 'ps_' || left(order_id, 20), 'lastTransactionKey', 'tx_' || order_id,
+                            'receipt', jsonb_build_object('url', 'https://receipt.example/' || order_id), 'cancels', null)
+$$;
+-- A subscriber registers a card; the service records the billing key Toss issued.
+create function pg_temp.register(sub text, billing_key text) returns jsonb language plpgsql as $$
+declare
+  reg jsonb;
+  done jsonb;
+  sha text := encode(extensions.digest(billing_key, 'sha256'), 'hex');
+begin
+  perform pg_temp.as_user(sub);
+  reg := api.begin_registration('pro');
+  perform pg_temp.as_service();
+  done := billing.service_complete_registration(reg ->> 'customerKey', convert_to('ct:' || billing_key, 'UTF8'), 'k1',
+            sha, '{"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용", "ownerType": "개인"}}');
+  perform pg_temp.as_owner();
+  return done || jsonb_build_object('customerKey', reg ->> 'customerKey', 'sha', sha);
+end $$;
+-- The service claims every due attempt and answers each with the given outcome.
+create function pg_temp.serve(outcome text default 'ok', code text default 'REJECT_CARD_PAYMENT')
+returns jsonb language plpgsql as $$
+declare
+  c record;
+  out jsonb := '[]';
+begin
+  perform pg_temp.as_service();
+  for c in select * from billing.service_claim_attempts('tap', 100) loop
+    if outcome = 'ok' then
+      perform billing.service_record_charge_success(c.attempt_id, pg_temp.payment(c.order_id, c.amount));
+    elsif outcome = 'claim' then
+      null;
+    else
+      perform billing.service_record_charge_failure(c.attempt_id, code, 'refused', outcome);
+    end if;
+    out := out || jsonb_build_array(c.attempt_id);
+  end loop;
+  perform pg_temp.as_owner();
+  return out;
+end $$;
+
+select billing.enable_test_clock() is not null as _ \gset
+select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
+
+-- The doorbell --------------------------------------------------------------------------------------
+select is(billing.ring_service('{"x": 1}'), null, 'no secrets in the vault: the doorbell stays quiet');
+select vault.create_secret('http://127.0.0.1:8787/', 'saju_billing_service_url') is not null as _ \gset
+select vault.create_secret('doorbell-token', 'saju_billing_doorbell_token') is not null as _ \gset
+select count(*) as queued_before from net.http_request_queue \gset
+select is(billing.tick(),
+  '{"at": "2028-01-10T01:00:00+00:00", "renewals": 0, "cardsNeeded": 0, "endedAtPeriodEnd": 0, "endedAfterGrace": 0,
+    "creditGrantsExpired": 0, "registrationsExpired": 0, "doorbellRequestId": null,
+    "leasesExpired": {"attempts": 0, "refunds": 0, "webhooks": 0, "keyDeletions": 0},
+    "claimable": {"attempts": false, "refunds": false, "webhooks": false, "keyDeletions": false, "notifications": false}}'::jsonb,
+  'an idle tick does nothing and rings nobody');
+select pg_temp.register('user-a', 'bk_a') as a \gset
+select (billing.tick() ->> 'doorbellRequestId')::bigint as bell \gset
+select ok(:'bell'::bigint is not null, 'with a charge due, the tick rings the service');
+select results_eq(format($$ select method::text, url, headers ->> 'Authorization', timeout_milliseconds,
+                                   convert_from(body, 'UTF8')::jsonb -> 'claimable' ->> 'attempts'
+                              from net.http_request_queue where id = %s $$, :bell),
+  $$ values ('POST'::text, 'http://127.0.0.1:8787/internal/doorbell'::text, 'Bearer doorbell-token'::text, 5000,
+             'true'::text) $$,
+  'net.http_post to <service url>/internal/doorbell with the bearer token from the vault and the summary');
+select is((select count(*) from net.http_request_queue), (:queued_before + 1)::bigint, 'one request per ringing tick');
+
+-- Five subscribers at 2028-01-10 10:00 KST ----------------------------------------------------------
+select pg_temp.register('user-b', 'bk_b') as b \gset
+select pg_temp.register('user-c', 'bk_c') as c \gset
+select pg_temp.register('user-e', 'bk_e') as e \gset
+select pg_temp.register('user-f', 'bk_f') as f \gset
+select is(jsonb_array_length(pg_temp.serve('ok')), 5, 'five first charges succeed');
+select pg_temp.register('user-d', 'bk_d') as d \gset
+select is(jsonb_array_length(pg_temp.serve('decline')), 1, 'user-d''s first charge is declined');
+select pg_temp.as_user('user-a');
+select api.cancel_subscription() is not null as _ \gset
+select pg_temp.as_owner();
+select pg_temp.svc('select billing.service_mark_payment_method_deleted(%L, %L)', :'c'::jsonb ->> 'sha', 'x') is not null as _ \gset
+
+-- Grace of an incomplete subscription
+select billing.set_test_clock('2028-01-11 09:59+09') is not null as _ \gset
+select is((billing.tick() ->> 'endedAfterGrace')::int, 0, 'not before its grace ends');
+select billing.set_test_clock('2028-01-11 10:00+09') is not null as _ \gset
+select is((billing.tick() ->> 'endedAfterGrace')::int, 1, 'a day after a failed first charge the tick ends it');
+select results_eq(format($$ select s.status::text, s.status_reason, bp.status::text from billing.subscriptions s
+                              join billing.billing_periods bp on bp.subscription_id = s.id where s.id = %L $$,
+                         :'d'::jsonb ->> 'subscriptionId'),
+  $$ values ('canceled'::text, 'first charge never succeeded'::text, 'void'::text) $$, 'canceled, its period void');
+
+-- cancel_subscription_now ---------------------------------------------------------------------------
+select billing.set_test_clock('2028-01-20 10:00+09') is not null as _ \gset
+select throws_ok($$ select billing.cancel_subscription_now(gen_random_uuid(), true, 'x') $$, 'SB404', null,
+  'unknown subscription: SB404');
+select throws_ok(format('select billing.cancel_subscription_now(%L, true, %L)', :'e'::jsonb ->> 'subscriptionId', ''),
+  'SB400', null, 'no reason: SB400');
+select throws_ok(format($$ select pg_temp.svc('select billing.cancel_subscription_now(%%L, true, %%L)', %L, 'x') $$,
+                        :'e'::jsonb ->> 'subscriptionId'),
+  '42501', null, 'the service cannot cancel subscriptions');
+select billing.cancel_subscription_now((:'e'::jsonb ->> 'subscriptionId')::uuid, true, 'support ticket 42') as e_out \gset
+select is(:'e_out'::jsonb ->> 'refundAmount', '6706',
+  'prorated refund: floor(9,900 × 21 of 31 days left) = 6,706 KRW');
+select results_eq(format($$ select r.amount, r.source::text, r.status::text, r.reason from billing.refunds r
+                              where r.id = %L $$, :'e_out'::jsonb ->> 'refundId'),
+  $$ values (6706::bigint, 'prorated_cancel'::text, 'requested'::text, 'prorated: support ticket 42'::text) $$,
+  'the refund is queued for the service');
+select results_eq(format($$ select s.status::text, s.ended_at, g.status::text, kd.status::text
+                              from billing.subscriptions s join billing.credit_grants g on g.subscription_id = s.id
+                              join billing.key_deletions kd on kd.payment_method_id = s.payment_method_id
+                             where s.id = %L $$, :'e'::jsonb ->> 'subscriptionId'),
+  $$ values ('canceled'::text, '2028-01-20 10:00+09'::timestamptz, 'expired'::text, 'requested'::text) $$,
+  'ended now: credits expire, the billing key is queued for deletion');
+select throws_ok(format('select billing.cancel_subscription_now(%L, true, %L)', :'e'::jsonb ->> 'subscriptionId', 'again'),
+  'SB409', null, 'already ended: SB409');
+
+-- change_plan_price ---------------------------------------------------------------------------------
+select throws_ok($$ select billing.change_plan_price('gold', 12900, '2028-02-01') $$, 'SB404', null, 'unknown plan: SB404');
+select throws_ok($$ select billing.change_plan_price('pro', 50, '2028-02-01') $$, 'SB400', null, 'below 100 KRW: SB400');
+select throws_ok($$ select billing.change_plan_price('pro', 12900, '2028-01-01') $$, 'SB422', null,
+  'in the past: SB422');
+select isnt(billing.change_plan_price('pro', 12900, '2028-02-10 10:00+09'), null, 'a new price version');
+select throws_ok($$ select billing.change_plan_price('pro', 13900, '2028-02-10 10:00+09') $$, 'SB409', null,
+  'two versions at the same instant: SB409');
+select results_eq($$ select amount, effective_from from billing.plan_prices pp join billing.plans p on p.id = pp.plan_id
+                      where p.code = 'pro' order by effective_from $$,
+  $$ values (9900::bigint, '2000-01-01 00:00+09'::timestamptz), (12900, '2028-02-10 10:00+09') $$,
+  'the old version stays as it was');
+
+-- The first renewal day ------------------------------------------------------------------------------
+select billing.set_test_clock('2028-02-10 10:00+09') is not null as _ \gset
+select billing.tick() as t1 \gset
+select is(array[(:'t1'::jsonb ->> 'renewals')::int, (:'t1'::jsonb ->> 'cardsNeeded')::int,
+                (:'t1'::jsonb ->> 'endedAtPeriodEnd')::int, (:'t1'::jsonb ->> 'creditGrantsExpired')::int],
+          array[3, 1, 1, 4],
+  'period end: b and f renew, c has no card, a ends as asked, four grants expire');
+select results_eq(format($$ select status::text, ended_at, canceled_at from billing.subscriptions where id = %L $$,
+                         :'a'::jsonb ->> 'subscriptionId'),
+  $$ values ('canceled'::text, '2028-02-10 10:00+09'::timestamptz, '2028-01-10 10:00+09'::timestamptz) $$,
+  'cancel at period end: ended at the period end, canceled when asked');
+select is((select count(*)::int from billing.billing_periods where subscription_id = (:'a'::jsonb ->> 'subscriptionId')::uuid),
+  1, 'no renewal for it');
+select results_eq(format($$ select bp.period_index, bp.starts_at, bp.ends_at, bp.amount, ca.status::text, ca.amount
+                              from billing.billing_periods bp join billing.charge_attempts ca on ca.period_id = bp.id
+                             where bp.subscription_id = %L and bp.period_index = 2 $$, :'b'::jsonb ->> 'subscriptionId'),
+  $$ values (2, '2028-02-10 10:00+09'::timestamptz, '2028-03-10 10:00+09'::timestamptz, 12900::bigint, 'queued'::text,
+             12900::bigint) $$,
+  'renewal: period 2 at the price in effect at its start, its attempt due now');
+select results_eq(format($$ select s.status::text, s.awaiting_card, s.grace_ends_at,
+                                   (select count(*) from billing.charge_attempts ca where ca.subscription_id = s.id
+                                       and ca.status = 'queued')
+                              from billing.subscriptions s where s.id = %L $$, :'c'::jsonb ->> 'subscriptionId'),
+  $$ values ('past_due'::text, true, '2028-02-17 10:00+09'::timestamptz, 0::bigint) $$,
+  'renewal without a usable card: past_due, waiting for a card, nothing to charge');
+select results_eq($$ select kind::text, amount from billing.credit_entries where kind = 'expire' order by id $$,
+  $$ values ('expire'::text, -10), ('expire', -10), ('expire', -10), ('expire', -10), ('expire', -10) $$,
+  'expired credits are written off in the ledger (one by the immediate cancel)');
+
+-- retry_subscription_charge -------------------------------------------------------------------------
+select is(jsonb_array_length(pg_temp.serve('claim')), 2, 'b''s and f''s renewals are sent');
+select a.id as b_attempt, a.order_id as b_order from billing.charge_attempts a
+ where a.subscription_id = (:'b'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
+select a.id as f_attempt from billing.charge_attempts a
+ where a.subscription_id = (:'f'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
+select pg_temp.svc('select billing.service_record_charge_success(%L, %L)', :'b_attempt',
+                   pg_temp.payment(:'b_order', 12900)::text) is not null as _ \gset
+select pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'f_attempt',
+                   'INVALID_REQUEST', 'bug') is not null as _ \gset
+select is((select status::text from billing.subscriptions where id = (:'f'::jsonb ->> 'subscriptionId')::uuid), 'past_due',
+  'a bug leaves the renewal unpaid');
+select throws_ok(format('select billing.retry_subscription_charge(%L)', :'b'::jsonb ->> 'subscriptionId'), 'SB409', null,
+  'nothing to retry on a paid subscription: SB409');
+select throws_ok(format('select billing.retry_subscription_charge(%L)', :'c'::jsonb ->> 'subscriptionId'), 'SB422', null,
+  'no usable card: SB422');
+select throws_ok($$ select billing.retry_subscription_charge(gen_random_uuid()) $$, 'SB404', null, 'unknown: SB404');
+select isnt(billing.retry_subscription_charge((:'f'::jsonb ->> 'subscriptionId')::uuid, 'fixed the request'), null,
+  'after fixing the cause, support retries');
+select throws_ok(format('select billing.retry_subscription_charge(%L)', :'f'::jsonb ->> 'subscriptionId'), 'SB409', null,
+  'an attempt is already in flight: SB409');
+select is(jsonb_array_length(pg_temp.serve('ok')), 1, 'the retry is charged');
+select is((select status::text from billing.subscriptions where id = (:'f'::jsonb ->> 'subscriptionId')::uuid), 'active',
+  'and the subscription is active again');
+
+-- Leases expire -------------------------------------------------------------------------------------
+select billing.request_refund(p.id, 1000, 'goodwill') is not null as _ from billing.payments p
+ where p.order_id = :'b_order' \gset
+select pg_temp.svc($q$ select to_jsonb(w) from billing.service_ingest_webhook('whtrans_l', 'PAYMENT_STATUS_CHANGED',
+  '{"eventType": "PAYMENT_STATUS_CHANGED", "data": {}}') w $q$) is not null as _ \gset
+select is(pg_temp.svc($q$ select jsonb_build_array(
+                           (select count(*) from billing.service_claim_refunds('w', 10)),
+                           (select count(*) from billing.service_claim_webhooks('w', 10)),
+                           (select count(*) from billing.service_claim_key_deletions('w', 1))) $q$),
+  '[2, 1, 1]'::jsonb, 'refunds, a webhook and a key deletion are claimed');
+select billing.advance_test_clock('2 minutes') is not null as _ \gset
+select is(billing.tick() -> 'leasesExpired', '{"attempts": 0, "refunds": 2, "webhooks": 1, "keyDeletions": 1}'::jsonb,
+  'when their leases expire the tick makes them claimable again');
+select results_eq($$ select (select count(*) from billing.refunds where status = 'requested'),
+                            (select count(*) from billing.webhook_events where status = 'received'),
+                            (select count(*) from billing.key_deletions where status = 'claimed') $$,
+  $$ values (2::bigint, 1::bigint, 0::bigint) $$, 'back to requested / received');
+
+-- Grace of a past_due subscription -------------------------------------------------------------------
+select billing.set_test_clock('2028-02-17 10:00+09') is not null as _ \gset
+select is((billing.tick() ->> 'endedAfterGrace')::int, 1, 'no card within the dunning window: the tick ends it');
+select results_eq(format($$ select s.status::text, bp.status::text from billing.subscriptions s
+                              join billing.billing_periods bp on bp.id = s.current_period_id where s.id = %L $$,
+                         :'c'::jsonb ->> 'subscriptionId'),
+  $$ values ('canceled'::text, 'unpaid'::text) $$, 'in the plan''s final status, its period unpaid');
+
+-- configure_plan_dunning ----------------------------------------------------------------------------
+select throws_ok($$ select billing.configure_plan_dunning('pro', '{1 day}', 'paused') $$, 'SB400', null,
+  'final status must be canceled or unpaid: SB400');
+select throws_ok($$ select billing.configure_plan_dunning('pro', '{3 days,1 day}', 'unpaid') $$, 'SB400', null,
+  'a schedule must increase: SB400');
+select throws_ok($$ select billing.configure_plan_dunning('gold', '{1 day}', 'unpaid') $$, 'SB404', null,
+  'unknown plan: SB404');
+select lives_ok($$ select billing.configure_plan_dunning('pro', '{1 day}', 'unpaid') $$, 'one retry, then unpaid');
+select pg_temp.register('user-g', 'bk_g') as g \gset
+select is(jsonb_array_length(pg_temp.serve('ok')), 1, 'user-g subscribes');
+select billing.set_test_clock('2028-03-17 10:00+09') is not null as _ \gset
+select billing.tick() is not null as _ \gset
+select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) as due \gset
+select a.id as g_attempt from billing.charge_attempts a
+ where a.subscription_id = (:'g'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
+select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'g_attempt',
+                      'REJECT_CARD_PAYMENT', 'decline') -> 'next' ->> 'notBefore', '2028-03-18T01:00:00+00:00',
+  'declined: the single retry a day later');
+select billing.set_test_clock('2028-03-18 10:00+09') is not null as _ \gset
+select a.id as g_retry from billing.charge_attempts a
+ where a.subscription_id = (:'g'::jsonb ->> 'subscriptionId')::uuid and a.status = 'queued' \gset
+select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) is not null as _ \gset
+select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'g_retry',
+                      'REJECT_CARD_PAYMENT', 'decline') -> 'next',
+  '{"action": "ended", "status": "unpaid"}'::jsonb, 'declined again: the schedule is exhausted');
+select results_eq(format($$ select s.status::text, s.ended_at, bp.status::text from billing.subscriptions s
+                              join billing.billing_periods bp on bp.id = s.current_period_id where s.id = %L $$,
+                         :'g'::jsonb ->> 'subscriptionId'),
+  $$ values ('unpaid'::text, '2028-03-18 10:00+09'::timestamptz, 'unpaid'::text) $$, 'the subscription ends unpaid');
+select is((select payload ->> 'status' from billing.notifications
+            where subscription_id = (:'g'::jsonb ->> 'subscriptionId')::uuid and kind = 'canceled'), 'unpaid',
+  'the subscriber is told');
+select is((select kd.status::text from billing.key_deletions kd join billing.subscriptions s on s.payment_method_id = kd.payment_method_id
+            where s.id = (:'g'::jsonb ->> 'subscriptionId')::uuid), 'requested',
+  'its billing key is queued for deletion at Toss');
+
+-- Every operator function is for the owner alone
+select is_empty($$ select p.oid::regprocedure from pg_proc p
+                    where p.pronamespace = 'billing'::regnamespace
+                      and p.proname in ('request_refund', 'change_plan_price', 'cancel_subscription_now',
+                                        'retry_subscription_charge', 'configure_plan_dunning', 'tick', 'ring_service',
+                                        'enable_test_clock', 'set_test_clock', 'advance_test_clock')
+                      and (has_function_privilege('billing_service', p.oid, 'execute')
+                           or has_function_privilege('authenticated', p.oid, 'execute')
+                           or has_function_privilege('service_role', p.oid, 'execute')) $$,
+  'operator and scheduler functions: owner only');
+
+select * from finish();
+rollback;

@@ -1,0 +1,240 @@
+"""Drives billing core the way its callers do: as the owner (operator, pg_cron), as the service role
+``billing_service`` and as signed-in subscribers (role ``authenticated`` + ``request.jwt.claims``).
+
+Also holds a tiny scripted stand-in for Toss's answers, used only to produce the JSON the service
+would hand to the database (the Toss sandbox proper lives elsewhere and is tested there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from service.runtime.cluster import Runtime
+
+SEOUL = ZoneInfo("Asia/Seoul")
+Row = dict[str, Any]
+
+
+def kst(*args: int) -> datetime:
+    """A wall-clock time in Asia/Seoul."""
+    return datetime(*args, tzinfo=SEOUL)  # type: ignore[misc]
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def raises_sqlstate(code: str) -> Iterator[pytest.ExceptionInfo[psycopg.Error]]:
+    with pytest.raises(psycopg.Error) as info:
+        yield info
+    assert info.value.sqlstate == code, f"expected {code}, got {info.value.sqlstate}: {info.value}"
+
+
+def _call_sql(
+    schema: str, fn: str, args: tuple[Any, ...], kwargs: dict[str, Any], rows: bool
+) -> str:
+    parts = ["%s"] * len(args) + [f"{k} => %s" for k in kwargs]
+    target = f"{schema}.{fn}({', '.join(parts)})"
+    # Names come from the tests themselves; every value travels as a parameter.
+    return f"select * from {target}" if rows else f"select {target} as result"  # noqa: S608
+
+
+def _adapt(value: Any) -> Any:
+    return Jsonb(value) if isinstance(value, dict | list) else value
+
+
+class Billing:
+    """Connections to one test database, one per kind of caller."""
+
+    def __init__(self, rt: Runtime, dbname: str) -> None:
+        self.rt = rt
+        self.dbname = dbname
+        self.owner: psycopg.Connection[Row] = psycopg.connect(
+            rt.dsn(dbname, "postgres"), autocommit=True, row_factory=dict_row
+        )
+        self.svc: psycopg.Connection[Row] = psycopg.connect(
+            rt.dsn(dbname, "postgres"), autocommit=True, row_factory=dict_row
+        )
+        self.svc.execute("set role billing_service")
+        self.user_conn: psycopg.Connection[Row] = psycopg.connect(
+            rt.dsn(dbname, "postgres"), row_factory=dict_row
+        )
+
+    def close(self) -> None:
+        for c in (self.owner, self.svc, self.user_conn):
+            c.close()
+
+    # --- owner ------------------------------------------------------------------------------
+    def all(self, query: str, params: Any = None) -> list[Row]:
+        return self.owner.execute(query, params).fetchall()
+
+    def one(self, query: str, params: Any = None) -> Row:
+        row = self.owner.execute(query, params).fetchone()
+        assert row is not None, query
+        return row
+
+    def scalar(self, query: str, params: Any = None) -> Any:
+        return next(iter(self.one(query, params).values()))
+
+    def billing(self, fn: str, *args: Any, **kwargs: Any) -> Any:
+        """Calls billing.<fn> as the owner (operator tooling, pg_cron)."""
+        sql = _call_sql("billing", fn, args, kwargs, rows=False)
+        params = [_adapt(a) for a in (*args, *kwargs.values())]
+        return self.owner.execute(sql, params).fetchone()["result"]  # type: ignore[index]
+
+    def enable_clock(self, at: datetime) -> None:
+        self.billing("enable_test_clock")
+        self.billing("set_test_clock", at)
+
+    def set_clock(self, at: datetime) -> datetime:
+        return self.billing("set_test_clock", at)  # type: ignore[no-any-return]
+
+    def advance(self, by: timedelta) -> datetime:
+        return self.billing("advance_test_clock", by)  # type: ignore[no-any-return]
+
+    def now(self) -> datetime:
+        return self.scalar("select billing.now()")  # type: ignore[no-any-return]
+
+    def tick(self) -> dict[str, Any]:
+        return self.billing("tick")  # type: ignore[no-any-return]
+
+    # --- service ----------------------------------------------------------------------------
+    def service(self, fn: str, *args: Any, **kwargs: Any) -> Any:
+        sql = _call_sql("billing", fn, args, kwargs, rows=False)
+        params = [_adapt(a) for a in (*args, *kwargs.values())]
+        return self.svc.execute(sql, params).fetchone()["result"]  # type: ignore[index]
+
+    def service_rows(self, fn: str, *args: Any, **kwargs: Any) -> list[Row]:
+        sql = _call_sql("billing", fn, args, kwargs, rows=True)
+        params = [_adapt(a) for a in (*args, *kwargs.values())]
+        return self.svc.execute(sql, params).fetchall()
+
+    # --- subscribers ------------------------------------------------------------------------
+    def api(
+        self, sub: str | None, fn: str, *args: Any, claims: dict[str, Any] | None = None
+    ) -> Any:
+        """Calls api.<fn> in one transaction as role authenticated with the JWT sub ``sub``."""
+        jwt = dict(claims or {})
+        if sub is not None:
+            jwt.setdefault("sub", sub)
+        jwt.setdefault("role", "authenticated")
+        with self.user_conn.transaction():
+            self.user_conn.execute("set local role authenticated")
+            self.user_conn.execute(
+                "select set_config('request.jwt.claims', %s, true)", (json.dumps(jwt),)
+            )
+            sql = _call_sql("api", fn, args, {}, rows=False)
+            row = self.user_conn.execute(sql, [_adapt(a) for a in args]).fetchone()
+            assert row is not None
+            return row["result"]
+
+    # --- composite steps --------------------------------------------------------------------
+    def register(
+        self, sub: str, key: str | None = None, card_no: str = "4330****1234"
+    ) -> dict[str, Any]:
+        """A subscriber registers a card and the service records the issued billing key."""
+        reg = self.api(sub, "begin_registration", "pro", claims={"email": f"{sub}@example.com"})
+        billing_key = key or f"bk_{uuid.uuid4().hex}"
+        done = self.service(
+            "service_complete_registration",
+            reg["customerKey"],
+            b"ciphertext:" + billing_key.encode(),
+            "k1",
+            sha256_hex(billing_key),
+            {
+                "card": {
+                    "number": card_no,
+                    "issuerCode": "61",
+                    "cardType": "신용",
+                    "ownerType": "개인",
+                }
+            },
+        )
+        return {**done, "customerKey": reg["customerKey"], "billingKey": billing_key}
+
+    def claim(self, worker: str = "w", batch: int = 10) -> list[Row]:
+        return self.service_rows("service_claim_attempts", worker, batch)
+
+
+@dataclass
+class FakeToss:
+    """Approvals and cancels as Toss reports them (Payment JSON), with idempotent replays."""
+
+    billing: Billing
+    payments: dict[str, dict[str, Any]] = field(default_factory=dict)  # by orderId
+    by_key: dict[str, dict[str, Any]] = field(default_factory=dict)  # by paymentKey
+    cancel_replies: dict[str, dict[str, Any]] = field(default_factory=dict)  # by Idempotency-Key
+    deleted_keys: set[str] = field(default_factory=set)
+
+    def _iso(self) -> str:
+        return self.billing.now().astimezone(SEOUL).isoformat()
+
+    def approve(self, order_id: str, amount: int, order_name: str = "order") -> dict[str, Any]:
+        """Charges once per orderId; a repeated orderId returns the first approval."""
+        if order_id in self.payments:
+            return self.payments[order_id]
+        key = f"pk_{uuid.uuid4().hex}"
+        payment = {
+            "paymentKey": key,
+            "orderId": order_id,
+            "orderName": order_name,
+            "type": "BILLING",
+            "method": "카드",
+            "status": "DONE",
+            "totalAmount": amount,
+            "balanceAmount": amount,
+            "approvedAt": self._iso(),
+            "requestedAt": self._iso(),
+            "lastTransactionKey": uuid.uuid4().hex.upper(),
+            "secret": f"ps_{uuid.uuid4().hex[:20]}",
+            "receipt": {"url": f"https://dashboard-sandbox.tosspayments.com/receipt/{key}"},
+            "cancels": None,
+        }
+        self.payments[order_id] = payment
+        self.by_key[key] = payment
+        return payment
+
+    def cancel(self, payment_key: str, amount: int, reason: str, idem: str) -> dict[str, Any]:
+        if idem in self.cancel_replies:
+            return self.cancel_replies[idem]
+        payment = self.by_key[payment_key]
+        assert amount <= payment["balanceAmount"], "NOT_CANCELABLE_AMOUNT"
+        tx = f"txrd_{uuid.uuid4().hex[:24]}"
+        cancels = list(payment["cancels"] or [])
+        balance = payment["balanceAmount"] - amount
+        cancels.append(
+            {
+                "cancelAmount": amount,
+                "cancelReason": reason,
+                "refundableAmount": balance,
+                "canceledAt": self._iso(),
+                "transactionKey": tx,
+                "cancelStatus": "DONE",
+            }
+        )
+        payment.update(
+            balanceAmount=balance,
+            cancels=cancels,
+            lastTransactionKey=tx,
+            status="CANCELED" if balance == 0 and len(cancels) == 1 else "PARTIAL_CANCELED",
+        )
+        reply = json.loads(json.dumps(payment))
+        self.cancel_replies[idem] = reply
+        return reply
+
+    def snapshot(self, payment_key: str) -> dict[str, Any]:
+        return json.loads(json.dumps(self.by_key[payment_key]))

@@ -1,0 +1,714 @@
+"""A simulated year of billing on the test clock, driven only through the SQL functions that the
+service (billing_service), subscribers (api, as authenticated), the operator and pg_cron
+(billing.tick) call; it ends with the architecture's invariants checked over everything that
+happened."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from dbkit import SEOUL, Billing, FakeToss, Row, kst, raises_sqlstate, sha256_hex
+from psycopg import sql
+
+START = kst(2027, 12, 31, 10, 0)
+END = kst(2029, 1, 2, 0, 0)
+STATEFUL = [
+    "card_registrations",
+    "payment_methods",
+    "subscriptions",
+    "billing_periods",
+    "charge_attempts",
+    "payments",
+    "refunds",
+    "credit_grants",
+    "webhook_events",
+    "key_deletions",
+]
+
+
+class Sim:
+    """The service's loop: claim every kind of work until none is left, answering as Toss would."""
+
+    def __init__(self, bl: Billing, toss: FakeToss) -> None:
+        self.bl = bl
+        self.toss = toss
+        self.user_of_key: dict[str, str] = {}  # customerKey -> user
+        self.billing_keys: dict[str, str] = {}  # sha256 -> billing key (the service can decrypt)
+        self.scripts: dict[str, list[str]] = {}
+        self.notifications: list[Row] = []
+        self.duplicate_webhooks = 0
+
+    # --- subscribers ----------------------------------------------------------------------
+    def register(self, user: str) -> dict[str, Any]:
+        done = self.bl.register(user)
+        self.user_of_key[done["customerKey"]] = user
+        self.billing_keys[sha256_hex(done["billingKey"])] = done["billingKey"]
+        return done
+
+    # --- the service ----------------------------------------------------------------------
+    def drain(self) -> None:
+        for _ in range(1000):
+            progressed = False
+            for row in self.bl.claim("sim", 10):
+                self.handle_attempt(row)
+                progressed = True
+            for row in self.bl.service_rows("service_claim_refunds", "sim", 10):
+                self.handle_refund(row)
+                progressed = True
+            for row in self.bl.service_rows("service_claim_webhooks", "sim", 10):
+                self.handle_webhook(row)
+                progressed = True
+            for row in self.bl.service_rows("service_claim_key_deletions", "sim", 10):
+                self.handle_key_deletion(row)
+                progressed = True
+            for row in self.bl.service_rows("service_claim_notifications", "sim", 50):
+                self.notifications.append(row)
+                assert self.bl.service(
+                    "service_record_notification_delivered", row["notification_id"]
+                )
+                progressed = True
+            if not progressed:
+                return
+        raise AssertionError("the service loop did not settle")
+
+    def handle_attempt(self, row: Row) -> None:
+        bl, aid, order = self.bl, row["attempt_id"], row["order_id"]
+        if row["mode"] == "lookup":
+            found = self.toss.payments.get(order)
+            if found is None:
+                bl.service("service_record_lookup_not_found", aid)
+            else:
+                result = bl.service("service_apply_payment_snapshot", found)
+                assert result["matched"] == "attempt"
+            return
+        user = self.user_of_key[row["customer_key"]]
+        script = self.scripts.get(user, [])
+        outcome = script.pop(0) if script else "ok"
+        fail = "service_record_charge_failure"
+        if outcome == "ok":
+            payment = self.toss.approve(order, row["amount"], row["order_name"])
+            result = bl.service("service_record_charge_success", aid, payment)
+            assert result["replay"] is False
+            # The service retrying its write after a lost reply applies nothing twice.
+            again = bl.service("service_record_charge_success", aid, payment)
+            assert again["replay"] is True
+        elif outcome == "decline":
+            bl.service(fail, aid, "REJECT_CARD_PAYMENT", "한도초과 혹은 잔액부족", "decline")
+        elif outcome == "declined_but_charged":
+            self.toss.approve(order, row["amount"], row["order_name"])
+            bl.service(fail, aid, "REJECT_CARD_PAYMENT", "한도초과 혹은 잔액부족", "decline")
+        elif outcome == "dead":
+            bl.service(fail, aid, "INVALID_STOPPED_CARD", "정지된 카드", "needs_new_card")
+        elif outcome == "transient":
+            bl.service(
+                fail, aid, "FAILED_INTERNAL_SYSTEM_PROCESSING", "잠시 후 다시 시도", "transient"
+            )
+        elif outcome == "timeout_after":
+            self.toss.approve(order, row["amount"], row["order_name"])
+            bl.service("service_record_charge_unknown", aid, "read timeout after 60 s")
+        elif outcome == "timeout_before":
+            bl.service("service_record_charge_unknown", aid, "connect timeout")
+        elif outcome == "duplicated":
+            self.toss.approve(order, row["amount"], row["order_name"])
+            bl.service(fail, aid, "DUPLICATED_ORDER_ID", "중복된 주문번호", "reconcile")
+        else:
+            raise AssertionError(outcome)
+
+    def handle_refund(self, row: Row) -> None:
+        reply = self.toss.cancel(
+            row["payment_key"],
+            row["cancel_amount"],
+            row["cancel_reason"],
+            str(row["idempotency_key"]),
+        )
+        result = self.bl.service("service_record_refund_result", row["refund_id"], reply)
+        assert result["status"] == "succeeded"
+        # Toss tells the webhook endpoint too, and delivers it twice.
+        body = {
+            "eventType": "PAYMENT_STATUS_CHANGED",
+            "createdAt": "2028-01-01T00:00:00.000000",
+            "data": reply,
+        }
+        tid = f"whtrans_{uuid.uuid4().hex}"
+        first = self.bl.service_rows(
+            "service_ingest_webhook", tid, "PAYMENT_STATUS_CHANGED", body, {}
+        )
+        again = self.bl.service_rows(
+            "service_ingest_webhook", tid, "PAYMENT_STATUS_CHANGED", body, {}
+        )
+        assert first[0]["duplicate"] is False
+        assert again[0]["duplicate"] is True
+        assert again[0]["webhook_event_id"] == first[0]["webhook_event_id"]
+        self.duplicate_webhooks += 1
+
+    def handle_webhook(self, row: Row) -> None:
+        kind, data = row["event_type"], row["payload"]["data"]
+        if kind == "PAYMENT_STATUS_CHANGED":
+            # Never trusted as sent: re-fetch the payment and apply that snapshot.
+            self.bl.service(
+                "service_apply_payment_snapshot", self.toss.snapshot(data["paymentKey"])
+            )
+        elif kind == "BILLING_DELETED":
+            assert "billingKey" not in data
+            self.bl.service(
+                "service_mark_payment_method_deleted", data["billingKeySha256"], data["reason"]
+            )
+        else:
+            raise AssertionError(kind)
+        self.bl.service("service_record_webhook_result", row["webhook_event_id"], "processed")
+
+    def handle_key_deletion(self, row: Row) -> None:
+        key = bytes(row["billing_key_ciphertext"]).decode().removeprefix("ciphertext:")
+        self.toss.deleted_keys.add(key)
+        self.bl.service("service_record_key_deleted", row["key_deletion_id"])
+        self.billing_deleted_webhook(key, "삭제 API 요청")
+
+    def billing_deleted_webhook(self, billing_key: str, reason: str) -> None:
+        body = {
+            "eventType": "BILLING_DELETED",
+            "createdAt": "2028-01-01T00:00:00.000000",
+            "data": {"billingKey": billing_key, "reason": reason},
+        }
+        self.bl.service_rows(
+            "service_ingest_webhook", f"whtrans_{uuid.uuid4().hex}", None, body, {}
+        )
+
+    # --- time -----------------------------------------------------------------------------
+    def next_due(self) -> datetime | None:
+        return self.bl.scalar(
+            """select min(t) from (
+                 select min(not_before) t from billing.charge_attempts
+                  where status in ('queued', 'unknown')
+                 union all select min(current_period_ends_at) from billing.subscriptions
+                  where status = 'active'
+                 union all select min(grace_ends_at) from billing.subscriptions
+                  where status in ('incomplete', 'past_due')
+                 union all select min(expires_at) from billing.credit_grants
+                  where status = 'active'
+                 union all select min(not_before) from billing.refunds
+                  where status = 'requested'
+                 union all select min(not_before) from billing.webhook_events
+                  where status = 'received'
+                 union all select min(not_before) from billing.key_deletions
+                  where status = 'requested'
+                 union all select min(expires_at) from billing.card_registrations
+                  where status = 'pending'
+               ) due"""
+        )
+
+    def step(self) -> None:
+        self.bl.tick()
+        self.drain()
+
+    def run_until(self, until: datetime) -> None:
+        """Moves the clock from event to event up to ``until``, ticking and serving at each stop."""
+        for _ in range(5000):
+            self.step()
+            now = self.bl.now()
+            due = self.next_due()
+            if due is not None and due <= now:
+                # Due but not actionable yet (e.g. waiting for a card): look again a minute later.
+                due = now + timedelta(minutes=1)
+            if due is None or due > until:
+                if until > now:
+                    self.bl.set_clock(until)
+                    self.step()
+                return
+            self.bl.set_clock(due)
+        raise AssertionError("time did not advance to the target")
+
+
+def local_dates(rows: list[Row], column: str = "starts_at") -> list[str]:
+    return [r[column].astimezone(SEOUL).strftime("%Y-%m-%d %H:%M") for r in rows]
+
+
+def sub_of(bl: Billing, user: str) -> Row:
+    """The user's latest subscription."""
+    rows = bl.all(
+        "select * from billing.subscriptions where user_id = %s order by created_at desc, id desc",
+        (user,),
+    )
+    return rows[0]
+
+
+def periods(bl: Billing, subscription_id: Any) -> list[Row]:
+    return bl.all(
+        "select * from billing.billing_periods where subscription_id = %s order by period_index",
+        (subscription_id,),
+    )
+
+
+def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
+    bl.enable_clock(START)
+    sim = Sim(bl, toss)
+    sim.scripts.update(
+        bob=["ok", "ok", "decline", "decline"],
+        carol=["ok"] + ["decline"] * 5,
+        dave=["ok", "ok"] + ["decline"] * 5,
+        erin=["ok", "ok", "dead"],
+        frank=["transient", "timeout_after", "timeout_before", "ok", "duplicated"],
+        ivan=["decline"],
+        jun=["ok", "declined_but_charged"],
+        kim=["ok", "timeout_after"],
+    )
+    checks: dict[str, Any] = {}
+
+    def consume(user: str, n: int) -> int:
+        """Spends up to n credits; one more than the balance is refused with SB422."""
+        balance = bl.api(user, "my_credits")["balance"]
+        for _ in range(min(n, balance)):
+            bl.api(user, "consume_credit", "saju test")
+        if n > balance:
+            with raises_sqlstate("SB422"):
+                bl.api(user, "consume_credit", "saju test")
+        return min(n, balance)
+
+    def payment_of(user: str, period_index: int) -> Row:
+        return bl.one(
+            """select p.* from billing.payments p
+                 join billing.billing_periods bp on bp.id = p.period_id
+                where p.user_id = %s and bp.period_index = %s and p.applied""",
+            (user, period_index),
+        )
+
+    def at_start() -> None:
+        sim.register("alice")
+
+    def alice_credits_monthly() -> None:
+        checks.setdefault("alice_consumed", 0)
+        checks["alice_consumed"] += consume("alice", 3)
+
+    def bob_overspends() -> None:
+        checks["bob_feb"] = consume("bob", 11)
+
+    def alice_partial_refund() -> None:
+        pay = payment_of("alice", 3)  # 2028-02-29 .. 2028-03-31
+        checks["alice_p3_payment"] = pay["id"]
+        bl.billing("request_refund", pay["id"], 3000, "goodwill")
+
+    def alice_full_refund() -> None:
+        pay_id = checks["alice_p3_payment"]
+        with raises_sqlstate("SB422"):
+            bl.billing("request_refund", pay_id, 7000, "more than left")
+        bl.billing("request_refund", pay_id, None, "refund the rest")
+
+    def alice_after_refund() -> None:
+        with raises_sqlstate("SB422"):
+            bl.api("alice", "consume_credit", "no credits after a full refund")
+        # An older snapshot (before the refunds) arriving late changes nothing.
+        pay = bl.one("select * from billing.payments where id = %s", (checks["alice_p3_payment"],))
+        old = dict(pay["raw"], balanceAmount=pay["total_amount"], status="DONE", cancels=None)
+        result = bl.service("service_apply_payment_snapshot", old)
+        assert result["replay"] is True
+        assert result["sync"]["stale"] is True
+
+    def erin_new_card() -> None:
+        sim.register("erin")
+
+    def erin_card_deleted_at_issuer() -> None:
+        pm = bl.one(
+            """select pm.billing_key_sha256 from billing.subscriptions s
+                 join billing.payment_methods pm on pm.id = s.payment_method_id
+                where s.user_id = 'erin' and s.status = 'active'"""
+        )
+        sim.billing_deleted_webhook(sim.billing_keys[pm["billing_key_sha256"]], "카드사 요청")
+
+    def grace_cancel() -> None:
+        out = bl.api("grace", "cancel_subscription")
+        assert out["cancelAtPeriodEnd"] is True
+        assert out["status"] == "active"
+
+    def grace_resume() -> None:
+        out = bl.api("grace", "resume_subscription")
+        assert out["cancelAtPeriodEnd"] is False
+
+    def hana_cancel_now() -> None:
+        s = sub_of(bl, "hana")
+        out = bl.billing("cancel_subscription_now", s["id"], True, "moved abroad")
+        checks["hana_refund"] = out["refundAmount"]
+
+    def kim_cancel_now() -> None:
+        s = sub_of(bl, "kim")
+        attempt = bl.one(
+            "select status from billing.charge_attempts where subscription_id = %s "
+            "order by created_at desc limit 1",
+            (s["id"],),
+        )
+        assert attempt["status"] == "unknown"
+        bl.billing("cancel_subscription_now", s["id"], False, "asked on the phone")
+
+    def odd_webhooks() -> None:
+        unknown = bl.service_rows(
+            "service_ingest_webhook",
+            "whtrans_odd_1",
+            "METHOD_UPDATED",
+            {"eventType": "METHOD_UPDATED", "data": {}},
+            {},
+        )
+        deposit = bl.service_rows(
+            "service_ingest_webhook",
+            "whtrans_odd_2",
+            None,
+            {
+                "createdAt": "x",
+                "secret": "ps_forged",
+                "status": "DONE",
+                "transactionKey": "t",
+                "orderId": "ord_forged",
+            },
+            {},
+        )
+        assert unknown[0]["status"] == "ignored"
+        assert deposit[0]["status"] == "ignored"
+        assert deposit[0]["resolved_event_type"] == "DEPOSIT_CALLBACK"
+
+    def reconcile() -> None:
+        # Daily reconciliation: every approval Toss knows of must be in the ledger.
+        known = {r["payment_key"] for r in bl.all("select payment_key from billing.payments")}
+        for payment in toss.payments.values():
+            if payment["paymentKey"] not in known:
+                sim.bl.service("service_apply_payment_snapshot", payment)
+                checks.setdefault("reconciled", 0)
+                checks["reconciled"] += 1
+
+    timeline: list[tuple[datetime, Callable[[], None]]] = [
+        (START, at_start),
+        (kst(2028, 1, 15, 9, 30), lambda: sim.register("bob")),
+        (kst(2028, 1, 20, 11, 0), lambda: sim.register("erin")),
+        (kst(2028, 2, 1, 8, 0), lambda: sim.register("carol")),
+        (kst(2028, 2, 1, 12, 0), bob_overspends),
+        (kst(2028, 2, 10, 10, 0), lambda: sim.register("frank")),
+        (kst(2028, 2, 20, 12, 0), lambda: sim.register("hana")),
+        (kst(2028, 3, 5, 10, 0), lambda: sim.register("grace")),
+        (kst(2028, 3, 10, 12, 0), alice_partial_refund),
+        (kst(2028, 3, 12, 12, 0), alice_full_refund),
+        (kst(2028, 3, 13, 12, 0), alice_after_refund),
+        (kst(2028, 3, 22, 11, 0), erin_new_card),
+        (kst(2028, 4, 1, 9, 0), lambda: sim.register("ivan")),
+        (kst(2028, 4, 10, 15, 0), lambda: sim.register("dave")),
+        (kst(2028, 5, 1, 12, 0), grace_cancel),
+        (kst(2028, 5, 3, 12, 0), grace_resume),
+        (kst(2028, 5, 5, 10, 0), lambda: sim.register("jun")),
+        (
+            kst(2028, 6, 1, 0, 0),
+            lambda: bl.billing(
+                "configure_plan_dunning", "pro", "{1 day,3 days,5 days,7 days}", "unpaid"
+            ),
+        ),
+        (kst(2028, 6, 10, 12, 0), lambda: sim.register("carol")),
+        (
+            kst(2028, 6, 15, 0, 0),
+            lambda: bl.billing("change_plan_price", "pro", 10900, kst(2028, 7, 1, 0, 0)),
+        ),
+        (kst(2028, 6, 25, 12, 0), hana_cancel_now),
+        (kst(2028, 7, 5, 12, 0), erin_card_deleted_at_issuer),
+        (kst(2028, 7, 21, 9, 0), erin_new_card),
+        (kst(2028, 8, 1, 12, 0), grace_cancel),
+        (kst(2028, 9, 9, 10, 0), lambda: sim.register("kim")),
+        (kst(2028, 10, 9, 10, 0, 30), kim_cancel_now),
+        (kst(2028, 11, 11, 11, 11), odd_webhooks),
+        (kst(2029, 1, 1, 23, 0), reconcile),
+    ]
+    timeline += [
+        (kst(y, m, 1, 9, 0), alice_credits_monthly) for y, m in [(2028, i) for i in range(1, 13)]
+    ]
+    timeline.sort(key=lambda item: item[0])
+    for when, action in timeline:
+        sim.run_until(when)
+        assert bl.now() == when
+        action()
+    sim.run_until(END)
+
+    # --- what each subscriber ended with ------------------------------------------------------
+    status = {
+        u: sub_of(bl, u)["status"]
+        for u in [
+            "alice",
+            "bob",
+            "carol",
+            "dave",
+            "erin",
+            "frank",
+            "grace",
+            "hana",
+            "ivan",
+            "jun",
+            "kim",
+        ]
+    }
+    assert status == {
+        "alice": "active",
+        "bob": "active",
+        "carol": "active",
+        "dave": "unpaid",
+        "erin": "active",
+        "frank": "active",
+        "grace": "canceled",
+        "hana": "canceled",
+        "ivan": "canceled",
+        "jun": "active",
+        "kim": "canceled",
+    }
+
+    alice = periods(bl, sub_of(bl, "alice")["id"])
+    assert local_dates(alice) == [
+        "2027-12-31 10:00",
+        "2028-01-31 10:00",
+        "2028-02-29 10:00",
+        "2028-03-31 10:00",
+        "2028-04-30 10:00",
+        "2028-05-31 10:00",
+        "2028-06-30 10:00",
+        "2028-07-31 10:00",
+        "2028-08-31 10:00",
+        "2028-09-30 10:00",
+        "2028-10-31 10:00",
+        "2028-11-30 10:00",
+        "2028-12-31 10:00",
+    ]
+    assert [p["status"] for p in alice] == ["paid"] * 13
+    assert [p["amount"] for p in alice] == [9900] * 7 + [10900] * 6
+    alice_p3 = bl.one("select * from billing.payments where id = %s", (checks["alice_p3_payment"],))
+    assert (alice_p3["status"], alice_p3["balance_amount"]) == ("PARTIAL_CANCELED", 0)
+    assert bl.all(
+        "select amount, status::text, source::text from billing.refunds where payment_id ="
+        " %s order by created_at",
+        (alice_p3["id"],),
+    ) == [
+        {"amount": 3000, "status": "succeeded", "source": "operator"},
+        {"amount": 6900, "status": "succeeded", "source": "operator"},
+    ]
+    assert bl.one(
+        "select status::text, remaining from billing.credit_grants where payment_id = %s",
+        (alice_p3["id"],),
+    ) == {"status": "revoked", "remaining": 0}
+    # 3 on the 1st of each month; the refund revoked only what was left of period 3 afterwards.
+    assert checks["alice_consumed"] == 36
+    assert checks["bob_feb"] == 10
+
+    bob = periods(bl, sub_of(bl, "bob")["id"])
+    bob_p3 = bl.all(
+        "select status::text, not_before from billing.charge_attempts where period_id = %s"
+        " order by attempt_number",
+        (bob[2]["id"],),
+    )
+    assert [a["status"] for a in bob_p3] == ["declined", "declined", "succeeded"]
+    assert local_dates(bob_p3, "not_before") == [
+        "2028-03-15 09:30",
+        "2028-03-16 09:30",
+        "2028-03-18 09:30",
+    ]
+    assert bob[2]["starts_at"] == kst(2028, 3, 15, 9, 30)
+
+    carol_subs = bl.all(
+        "select * from billing.subscriptions where user_id = 'carol' order by created_at"
+    )
+    assert [s["status"] for s in carol_subs] == ["canceled", "active"]
+    assert carol_subs[0]["ended_at"] == kst(2028, 3, 8, 8, 0)
+    carol_p2 = periods(bl, carol_subs[0]["id"])[1]
+    assert carol_p2["status"] == "unpaid"
+    assert local_dates(
+        bl.all(
+            "select not_before from billing.charge_attempts where period_id = %s order by"
+            " attempt_number",
+            (carol_p2["id"],),
+        ),
+        "not_before",
+    ) == [
+        "2028-03-01 08:00",
+        "2028-03-02 08:00",
+        "2028-03-04 08:00",
+        "2028-03-06 08:00",
+        "2028-03-08 08:00",
+    ]
+
+    dave = sub_of(bl, "dave")
+    assert dave["ended_at"] == kst(2028, 6, 17, 15, 0)
+    assert [p["status"] for p in periods(bl, dave["id"])] == ["paid", "paid", "unpaid"]
+
+    erin = sub_of(bl, "erin")
+    erin_pms = bl.all(
+        "select status::text from billing.payment_methods where user_id = 'erin' order by"
+        " created_at"
+    )
+    assert [p["status"] for p in erin_pms] == ["deleted", "deleted", "active"]
+    erin_p = periods(bl, erin["id"])
+    assert erin_p[2]["paid_at"] == kst(2028, 3, 22, 11, 0)
+    assert erin_p[6]["paid_at"] == kst(2028, 7, 21, 9, 0)  # renewal 7-20 had no usable card
+    assert erin_p[6]["starts_at"] == kst(2028, 7, 20, 11, 0)
+
+    frank_attempts = bl.all(
+        """select bp.period_index, ca.status::text, ca.sends, ca.lookups, ca.transient_failures
+             from billing.charge_attempts ca join billing.billing_periods bp on bp.id = ca.period_id
+            where ca.user_id = 'frank' and bp.period_index <= 3
+            order by bp.period_index, ca.attempt_number"""
+    )
+    assert frank_attempts == [
+        {
+            "period_index": 1,
+            "status": "succeeded",
+            "sends": 2,
+            "lookups": 1,
+            "transient_failures": 1,
+        },
+        {
+            "period_index": 2,
+            "status": "succeeded",
+            "sends": 2,
+            "lookups": 1,
+            "transient_failures": 0,
+        },
+        {
+            "period_index": 3,
+            "status": "succeeded",
+            "sends": 1,
+            "lookups": 1,
+            "transient_failures": 0,
+        },
+    ]
+
+    grace = sub_of(bl, "grace")
+    assert grace["ended_at"] == kst(2028, 8, 5, 10, 0)
+    assert [p["status"] for p in periods(bl, grace["id"])] == ["paid"] * 5
+
+    assert checks["hana_refund"] == 8250  # 9,900 × 25 of 30 days left
+    hana = sub_of(bl, "hana")
+    assert hana["ended_at"] == kst(2028, 6, 25, 12, 0)
+
+    ivan = sub_of(bl, "ivan")
+    assert (ivan["ended_at"], ivan["status_reason"]) == (
+        kst(2028, 4, 2, 9, 0),
+        "first charge never succeeded",
+    )
+
+    jun_payments = bl.all(
+        "select applied, balance_amount from billing.payments where user_id = 'jun' order"
+        " by approved_at, applied"
+    )
+    assert checks["reconciled"] == 1
+    assert sum(1 for p in jun_payments if not p["applied"]) == 1
+    assert [p["balance_amount"] for p in jun_payments if not p["applied"]] == [0]
+    assert (
+        bl.scalar(
+            "select count(*) from billing.charge_attempts where user_id = 'jun' and status"
+            " = 'duplicate'"
+        )
+        == 1
+    )
+
+    kim_late = bl.one("select * from billing.payments where user_id = 'kim' and not applied")
+    assert kim_late["balance_amount"] == 0
+    assert (
+        bl.scalar(
+            "select source::text from billing.refunds where payment_id = %s", (kim_late["id"],)
+        )
+        == "late_charge"
+    )
+
+    kinds = Counter((n["user_id"], n["kind"]) for n in sim.notifications)
+    assert kinds["carol", "payment_failed"] == 4
+    assert kinds["carol", "canceled"] == 1
+    assert kinds["bob", "payment_failed"] == 2
+    assert kinds["erin", "card_needed"] == 3  # dead card, key deleted, renewal without a card
+    assert kinds["alice", "renewed"] == 12
+    assert kinds["alice", "activated"] == 1
+    assert sim.duplicate_webhooks == bl.scalar(
+        "select count(*) from billing.refunds where status = 'succeeded'"
+    )
+
+    check_invariants(bl, toss)
+
+
+def check_invariants(bl: Billing, toss: FakeToss) -> None:
+    def none(query: str, params: Any = None) -> None:
+        rows = bl.all(query, params)
+        assert rows == [], (query, rows)
+
+    # 1. No period charged twice: one applied payment and one succeeded attempt per period, every
+    #    other approval refunded in full, and what Toss kept per period within the period's amount.
+    none("select period_id from billing.payments where applied group by 1 having count(*) > 1")
+    none(
+        "select period_id from billing.charge_attempts where status = 'succeeded' "
+        "group by 1 having count(*) > 1"
+    )
+    none("select id from billing.payments where not applied and balance_amount <> 0")
+    period_of = {
+        r["order_id"]: r["period_id"]
+        for r in bl.all("select order_id, period_id from billing.charge_attempts")
+    }
+    kept: Counter[Any] = Counter()
+    for payment in toss.payments.values():
+        kept[period_of[payment["orderId"]]] += payment["balanceAmount"]
+    amounts = {
+        r["id"]: r["amount"] for r in bl.all("select id, amount from billing.billing_periods")
+    }
+    assert [p for p in kept if kept[p] > amounts[p]] == []
+
+    # 2. Every payment Toss approved is in the ledger with Toss's balance, and what was refunded
+    #    of each is exactly its succeeded refunds.
+    ledger = {
+        r["payment_key"]: r["balance_amount"]
+        for r in bl.all("select payment_key, balance_amount from billing.payments")
+    }
+    assert ledger == {p["paymentKey"]: p["balanceAmount"] for p in toss.payments.values()}
+    none(
+        """select p.id from billing.payments p
+            where p.total_amount - p.balance_amount
+                  <> coalesce((select sum(r.amount) from billing.refunds r
+                                where r.payment_id = p.id and r.status = 'succeeded'), 0)"""
+    )
+    none("select id from billing.refunds where status <> 'succeeded'")
+
+    # 3. Credits never negative, and the ledger explains every grant's remainder.
+    none("select id from billing.credit_grants where remaining < 0")
+    none(
+        """select g.id from billing.credit_grants g
+            where g.remaining <> (select sum(e.amount) from billing.credit_entries e
+                                   where e.grant_id = g.id)"""
+    )
+
+    # 4. Amounts come from the price versions: each period's amount is the price at its start,
+    #    and each applied payment charged exactly that.
+    none(
+        """select bp.id from billing.billing_periods bp
+             join billing.subscriptions s on s.id = bp.subscription_id
+            where bp.amount <> (billing.price_at(s.plan_id, bp.starts_at)).amount"""
+    )
+    none(
+        """select p.id from billing.payments p
+             join billing.billing_periods bp on bp.id = p.period_id
+            where p.applied and p.total_amount <> bp.amount"""
+    )
+
+    # 5. The audit log has an event for every state change: per row, one creation event, a chain
+    #    of transitions each starting where the previous ended, ending in the current status.
+    audit = sql.SQL(
+        """with ev as (
+             select e.entity_id, e.id, e.action, e.old_status, e.new_status,
+                    lag(e.new_status) over (partition by e.entity_id order by e.id) as prev
+               from billing.events e
+              where e.entity_type = %s and e.action in ('created', 'status_changed'))
+           select t.id from billing.{} t
+            where (select count(*) from ev where ev.entity_id = t.id and ev.action = 'created') <> 1
+               or exists (select 1 from ev
+                           where ev.entity_id = t.id and ev.action = 'status_changed'
+                             and ev.old_status is distinct from ev.prev)
+               or (select ev.new_status from ev where ev.entity_id = t.id
+                    order by ev.id desc limit 1) is distinct from t.status::text"""
+    )
+    for table in STATEFUL:
+        broken = bl.owner.execute(audit.format(sql.Identifier(table)), (table,)).fetchall()
+        assert broken == [], (table, broken)
+
+    # Subscriptions agree with their current period.
+    none(
+        """select s.id from billing.subscriptions s
+             join billing.billing_periods bp on bp.id = s.current_period_id
+            where (bp.period_index, bp.starts_at, bp.ends_at)
+                  <> (s.current_period_index, s.current_period_starts_at,
+                      s.current_period_ends_at)"""
+    )
