@@ -120,24 +120,39 @@ revoke execute on function billing.require_test_clock() from public;
 comment on function billing.require_test_clock() is
   'Raises SB403 unless the test clock is enabled. Owner only.';
 
+-- Freezes the test clock at an instant and logs the move (from, to) as the given action. Callers
+-- check that the clock is enabled and that the instant is valid.
+create function billing.move_test_clock(at timestamptz, action text)
+returns timestamptz
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_old timestamptz := billing.now();
+begin
+  update billing.clock set frozen_at = at, clock_offset = interval '0', changed_at = pg_catalog.now()
+   where singleton;
+  perform billing.log_event('clock', null, action, null, pg_catalog.jsonb_build_object('from', v_old, 'to', at));
+  return at;
+end
+$$;
+revoke execute on function billing.move_test_clock(timestamptz, text) from public;
+comment on function billing.move_test_clock(timestamptz, text) is
+  'Freezes the test clock at an instant and logs the move as the given action; returns the instant. '
+  'Owner only (used by set_test_clock and advance_test_clock). Raises nothing of its own.';
+
 create function billing.set_test_clock(at timestamptz)
 returns timestamptz
 language plpgsql
 security definer
 set search_path = ''
 as $$
-declare
-  v_old timestamptz := billing.now();
 begin
   perform billing.require_test_clock();
   if at is null or not pg_catalog.isfinite(at) then
     raise exception 'set_test_clock: a finite timestamp is required' using errcode = 'SB400';
   end if;
-  update billing.clock set frozen_at = at, clock_offset = interval '0', changed_at = pg_catalog.now()
-   where singleton;
-  perform billing.log_event('clock', null, 'test_clock_set', null,
-                            pg_catalog.jsonb_build_object('from', v_old, 'to', at));
-  return at;
+  return billing.move_test_clock(at, 'test_clock_set');
 end
 $$;
 revoke execute on function billing.set_test_clock(timestamptz) from public;
@@ -148,19 +163,13 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
-declare
-  v_old timestamptz := billing.now();
 begin
   perform billing.require_test_clock();
   if by is null or by < interval '0' then
     raise exception 'advance_test_clock: a non-negative interval is required, got %', by
       using errcode = 'SB400';
   end if;
-  update billing.clock set frozen_at = v_old + by, clock_offset = interval '0', changed_at = pg_catalog.now()
-   where singleton;
-  perform billing.log_event('clock', null, 'test_clock_advanced', null,
-                            pg_catalog.jsonb_build_object('from', v_old, 'to', v_old + by));
-  return v_old + by;
+  return billing.move_test_clock(billing.now() + by, 'test_clock_advanced');
 end
 $$;
 revoke execute on function billing.advance_test_clock(interval) from public;
@@ -573,14 +582,26 @@ comment on function billing.end_subscription(uuid, billing.subscription_status, 
 -- Payments: snapshot sync, refunds found in cancels[], charge success
 -- ---------------------------------------------------------------------------------------------
 
+create function billing.payment_cancels(payment jsonb)
+returns jsonb
+language sql
+immutable
+set search_path = ''
+as $$
+  select case when pg_catalog.jsonb_typeof(payment -> 'cancels') = 'array' then payment -> 'cancels'
+              else '[]'::jsonb end
+$$;
+revoke execute on function billing.payment_cancels(jsonb) from public;
+comment on function billing.payment_cancels(jsonb) is
+  'A Toss Payment''s cancels[] as a JSON array (empty when null or absent). Owner only. Raises nothing.';
+
 create function billing.cancel_count(payment jsonb)
 returns integer
 language sql
 immutable
 set search_path = ''
 as $$
-  select case when pg_catalog.jsonb_typeof(payment -> 'cancels') = 'array'
-              then pg_catalog.jsonb_array_length(payment -> 'cancels') else 0 end
+  select pg_catalog.jsonb_array_length(billing.payment_cancels(payment))
 $$;
 revoke execute on function billing.cancel_count(jsonb) from public;
 comment on function billing.cancel_count(jsonb) is
@@ -630,9 +651,7 @@ begin
   -- Each DONE cancel is a refund: ours, matched by amount (refunds already sent first, so a cancel
   -- is never credited to one that has not been sent while another that has is waiting), or one
   -- made elsewhere (Toss's console).
-  for c in select e from pg_catalog.jsonb_array_elements(
-             case when pg_catalog.jsonb_typeof(pay.raw -> 'cancels') = 'array' then pay.raw -> 'cancels'
-                  else '[]'::jsonb end) as e
+  for c in select e from pg_catalog.jsonb_array_elements(billing.payment_cancels(pay.raw)) as e
   loop
     continue when coalesce(c ->> 'cancelStatus', 'DONE') <> 'DONE' or c ->> 'transactionKey' is null;
     continue when exists (select 1 from billing.refunds r where r.toss_transaction_key = c ->> 'transactionKey');
@@ -822,6 +841,30 @@ comment on function billing.apply_charge_success(uuid, jsonb) is
 -- ---------------------------------------------------------------------------------------------
 -- After a failed charge: dunning
 -- ---------------------------------------------------------------------------------------------
+
+-- An active subscription whose current period went unpaid becomes past_due now; its grace ends
+-- after the plan's last dunning step (at once when the schedule is empty). With awaiting_card it
+-- also stops automatic retries until a new card is registered (a flag already set stays set).
+create function billing.mark_past_due(subscription_id uuid, reason text, awaiting_card boolean default false)
+returns billing.subscriptions
+language sql
+set search_path = ''
+as $$
+  update billing.subscriptions su
+     set status = 'past_due', status_reason = mark_past_due.reason, past_due_since = billing.now(),
+         grace_ends_at = billing.add_local(billing.now(),
+           coalesce((select pl.dunning_schedule[pg_catalog.cardinality(pl.dunning_schedule)]
+                       from billing.plans pl where pl.id = su.plan_id), interval '0')),
+         awaiting_card = su.awaiting_card or mark_past_due.awaiting_card
+   where su.id = mark_past_due.subscription_id and su.status = 'active'
+  returning su.*
+$$;
+revoke execute on function billing.mark_past_due(uuid, text, boolean) from public;
+comment on function billing.mark_past_due(uuid, text, boolean) is
+  'Turns an active subscription past_due now, with grace until the plan''s last dunning step; '
+  'returns the row (null when it was not active). Caller holds the subscription lock. Owner only. '
+  'Raises nothing.';
+
 create function billing.after_charge_failure(attempt_id uuid)
 returns jsonb
 language plpgsql
@@ -856,12 +899,7 @@ begin
   end if;
 
   if s.status = 'active' then
-    update billing.subscriptions su
-       set status = 'past_due', status_reason = a.classification || ': ' || a.error_code,
-           past_due_since = v_now,
-           grace_ends_at = billing.add_local(v_now, coalesce(pl.dunning_schedule[v_schedule_len], interval '0'))
-     where su.id = s.id and su.status = 'active'
-    returning * into s;
+    s := billing.mark_past_due(s.id, a.classification || ': ' || a.error_code);
   end if;
 
   if a.classification = 'bug' then

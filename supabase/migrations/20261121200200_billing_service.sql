@@ -30,6 +30,27 @@ revoke execute on function billing.check_claim_args(text, integer, interval) fro
 comment on function billing.check_claim_args(text, integer, interval) is
   'Validates the arguments of the claim functions. Owner only. Raises SB400.';
 
+-- The error Toss (or its billing-auth window) reported: a code and an optional message.
+create function billing.check_error_args(code text, message text)
+returns void
+language plpgsql
+immutable
+set search_path = ''
+as $$
+begin
+  if code is null or pg_catalog.length(code) not between 1 and 100 then
+    raise exception 'code must be 1–100 characters' using errcode = 'SB400';
+  end if;
+  if pg_catalog.length(message) > 510 then
+    raise exception 'message must be at most 510 characters' using errcode = 'SB400';
+  end if;
+end
+$$;
+revoke execute on function billing.check_error_args(text, text) from public;
+comment on function billing.check_error_args(text, text) is
+  'Validates an error code (1–100 characters) and message (at most 510) reported by the service. '
+  'Owner only. Raises SB400.';
+
 -- May an attempt be sent (again) with its orderId and key? Only while its period is the open,
 -- current period of a live subscription; otherwise a possibly sent charge is looked up instead.
 create function billing.resend_allowed(attempt_id uuid)
@@ -227,12 +248,7 @@ begin
   if customer_key is null then
     raise exception 'customer_key is required' using errcode = 'SB400';
   end if;
-  if code is null or pg_catalog.length(code) not between 1 and 100 then
-    raise exception 'code must be 1–100 characters' using errcode = 'SB400';
-  end if;
-  if pg_catalog.length(message) > 510 then
-    raise exception 'message must be at most 510 characters' using errcode = 'SB400';
-  end if;
+  perform billing.check_error_args(code, message);
   select * into r from billing.card_registrations cr
    where cr.customer_key = service_fail_registration.customer_key for update;
   if not found then
@@ -356,12 +372,7 @@ begin
       classification using errcode = 'SB400';
   end if;
   v_class := classification::billing.failure_class;
-  if code is null or pg_catalog.length(code) not between 1 and 100 then
-    raise exception 'code must be 1–100 characters' using errcode = 'SB400';
-  end if;
-  if pg_catalog.length(message) > 510 then
-    raise exception 'message must be at most 510 characters' using errcode = 'SB400';
-  end if;
+  perform billing.check_error_args(code, message);
   a := billing.lock_attempt(attempt_id);
 
   if v_class = 'transient' then
@@ -657,9 +668,7 @@ begin
     if r.status <> 'succeeded' then
       -- Our cancel is the response's last transaction; else the newest unrecorded one of our amount.
       select e into c
-        from pg_catalog.jsonb_array_elements(case when pg_catalog.jsonb_typeof(payment -> 'cancels') = 'array'
-                                                  then payment -> 'cancels' else '[]'::jsonb end)
-             with ordinality as x(e, n)
+        from pg_catalog.jsonb_array_elements(billing.payment_cancels(payment)) with ordinality as x(e, n)
        where coalesce(e ->> 'cancelStatus', 'DONE') = 'DONE'
          and (e ->> 'cancelAmount')::numeric = r.amount
          and e ->> 'transactionKey' is not null

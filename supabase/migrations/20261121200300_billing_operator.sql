@@ -2,6 +2,39 @@
 -- staff and operator tooling connected as the owner (postgres); neither subscribers nor the
 -- service role may call them. SQLSTATEs: see 20261121200100_billing_core.sql.
 
+-- The reason an operator gives (kept with the refund, the attempt or the subscription's end).
+create function billing.check_reason(reason text)
+returns void
+language plpgsql
+immutable
+set search_path = ''
+as $$
+begin
+  if reason is null or pg_catalog.length(reason) not between 1 and 200 then
+    raise exception 'reason must be 1–200 characters' using errcode = 'SB400';
+  end if;
+end
+$$;
+revoke execute on function billing.check_reason(text) from public;
+comment on function billing.check_reason(text) is
+  'Validates an operator''s reason (1–200 characters). Owner only. Raises SB400.';
+
+-- What is still refundable on a payment: its balance less the refunds requested or in flight.
+create function billing.refundable_amount(pay billing.payments)
+returns bigint
+language sql
+stable
+set search_path = ''
+as $$
+  select (pay.balance_amount - coalesce(sum(x.amount), 0))::bigint
+    from billing.refunds x
+   where x.payment_id = pay.id and x.status in ('requested', 'claimed')
+$$;
+revoke execute on function billing.refundable_amount(billing.payments) from public;
+comment on function billing.refundable_amount(billing.payments) is
+  'A payment''s balance less its requested and claimed refunds: what may still be refunded. '
+  'Owner only. Raises nothing.';
+
 -- Creates a refund request after checking what is still refundable. Caller holds no locks.
 create function billing.create_refund(payment_id uuid, amount bigint, reason text, source billing.refund_source)
 returns billing.refunds
@@ -10,7 +43,6 @@ set search_path = ''
 as $$
 declare
   pay billing.payments;
-  v_pending bigint;
   v_refundable bigint;
   v_amount bigint := amount;
   r billing.refunds;
@@ -18,9 +50,7 @@ begin
   if payment_id is null then
     raise exception 'payment_id is required' using errcode = 'SB400';
   end if;
-  if reason is null or pg_catalog.length(reason) not between 1 and 200 then
-    raise exception 'reason must be 1–200 characters' using errcode = 'SB400';
-  end if;
+  perform billing.check_reason(reason);
   if v_amount is not null and v_amount <= 0 then
     raise exception 'refund amount must be positive, got %', v_amount using errcode = 'SB400';
   end if;
@@ -31,11 +61,10 @@ begin
   if pay.status not in ('DONE', 'PARTIAL_CANCELED') then
     raise exception 'payment % is % and cannot be refunded', pay.id, pay.status using errcode = 'SB409';
   end if;
-  select coalesce(sum(x.amount), 0) into v_pending
-    from billing.refunds x where x.payment_id = pay.id and x.status in ('requested', 'claimed');
-  v_refundable := pay.balance_amount - v_pending;
+  v_refundable := billing.refundable_amount(pay);
   if v_refundable <= 0 then
-    raise exception 'payment % has nothing left to refund (balance %, pending %)', pay.id, pay.balance_amount, v_pending
+    raise exception 'payment % has nothing left to refund (balance %, pending %)', pay.id, pay.balance_amount,
+      pay.balance_amount - v_refundable
       using errcode = 'SB422';
   end if;
   v_amount := coalesce(v_amount, v_refundable);
@@ -129,15 +158,12 @@ declare
   v_total_secs bigint;
   v_left_secs bigint;
   v_amount bigint := 0;
-  v_refundable bigint;
   r billing.refunds;
 begin
   if subscription_id is null then
     raise exception 'subscription_id is required' using errcode = 'SB400';
   end if;
-  if reason is null or pg_catalog.length(reason) not between 1 and 200 then
-    raise exception 'reason must be 1–200 characters' using errcode = 'SB400';
-  end if;
+  perform billing.check_reason(reason);
   select * into s from billing.subscriptions su where su.id = cancel_subscription_now.subscription_id for update;
   if not found then
     raise exception 'subscription % not found', subscription_id using errcode = 'SB404';
@@ -154,9 +180,7 @@ begin
       v_total_secs := pg_catalog.floor(extract(epoch from (p.ends_at - p.starts_at)))::bigint;
       v_left_secs := pg_catalog.floor(extract(epoch from (p.ends_at - greatest(v_now, p.starts_at))))::bigint;
       v_amount := (p.amount * v_left_secs) / v_total_secs;
-      select pay.balance_amount - coalesce(sum(x.amount), 0) into v_refundable
-        from billing.refunds x where x.payment_id = pay.id and x.status in ('requested', 'claimed');
-      v_amount := least(v_amount, v_refundable);
+      v_amount := least(v_amount, billing.refundable_amount(pay));
       if v_amount > 0 then
         r := billing.create_refund(pay.id, v_amount,
                                    pg_catalog.left('prorated: ' || reason, 200), 'prorated_cancel');
@@ -186,9 +210,7 @@ declare
   s billing.subscriptions;
   a billing.charge_attempts;
 begin
-  if reason is null or pg_catalog.length(reason) not between 1 and 200 then
-    raise exception 'reason must be 1–200 characters' using errcode = 'SB400';
-  end if;
+  perform billing.check_reason(reason);
   select * into s from billing.subscriptions su where su.id = retry_subscription_charge.subscription_id for update;
   if not found then
     raise exception 'subscription % not found', subscription_id using errcode = 'SB404';

@@ -41,6 +41,38 @@ comment on function billing.ring_service(jsonb) is
   'null when the secrets are absent or the request could not be queued. Owner only (called by '
   'billing.tick). Raises nothing.';
 
+-- Hands the expired leases of one work queue back to it: rows in the leased status whose lease has
+-- run out become ready again, due now, under the same keys (a refund's id is its Idempotency-Key),
+-- at most max_rows of them, skipping rows locked elsewhere. Refunds, webhook events and key
+-- deletions follow this one rule (only the table and its status names differ, hence dynamic SQL);
+-- charge attempts have their own (re-send or look up), in billing.tick.
+create function billing.expire_leases(queue regclass, leased_status text, ready_status text, max_rows integer)
+returns integer
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_count integer;
+begin
+  execute pg_catalog.format(
+    'update %1$s q
+        set status = %3$L, status_reason = ''lease of '' || q.lease_owner || '' expired'', lease_owner = null,
+            lease_expires_at = null, not_before = $1
+      where q.id in (select x.id from %1$s x
+                      where x.status = %2$L and x.lease_expires_at <= $1
+                      order by x.lease_expires_at limit $2 for update skip locked)',
+    queue, leased_status, ready_status)
+    using billing.now(), max_rows;
+  get diagnostics v_count = row_count;
+  return v_count;
+end
+$$;
+revoke execute on function billing.expire_leases(regclass, text, text, integer) from public;
+comment on function billing.expire_leases(regclass, text, text, integer) is
+  'Returns up to max_rows rows of a work queue (refunds, webhook_events, key_deletions) whose lease '
+  'expired from leased_status to ready_status, due now; returns how many. Owner only (called by '
+  'billing.tick). Raises nothing of its own.';
+
 create function billing.tick()
 returns jsonb
 language plpgsql
@@ -93,29 +125,9 @@ begin
                     order by x.lease_expires_at limit v_limit for update skip locked);
   get diagnostics v_attempt_leases = row_count;
 
-  update billing.refunds r
-     set status = 'requested', status_reason = 'lease of ' || r.lease_owner || ' expired', lease_owner = null,
-         lease_expires_at = null, not_before = v_now
-   where r.id in (select x.id from billing.refunds x
-                   where x.status = 'claimed' and x.lease_expires_at <= v_now
-                   order by x.lease_expires_at limit v_limit for update skip locked);
-  get diagnostics v_refund_leases = row_count;
-
-  update billing.webhook_events we
-     set status = 'received', status_reason = 'lease of ' || we.lease_owner || ' expired', lease_owner = null,
-         lease_expires_at = null, not_before = v_now
-   where we.id in (select x.id from billing.webhook_events x
-                    where x.status = 'processing' and x.lease_expires_at <= v_now
-                    order by x.lease_expires_at limit v_limit for update skip locked);
-  get diagnostics v_webhook_leases = row_count;
-
-  update billing.key_deletions kd
-     set status = 'requested', status_reason = 'lease of ' || kd.lease_owner || ' expired', lease_owner = null,
-         lease_expires_at = null, not_before = v_now
-   where kd.id in (select x.id from billing.key_deletions x
-                    where x.status = 'claimed' and x.lease_expires_at <= v_now
-                    order by x.lease_expires_at limit v_limit for update skip locked);
-  get diagnostics v_key_leases = row_count;
+  v_refund_leases := billing.expire_leases('billing.refunds', 'claimed', 'requested', v_limit);
+  v_webhook_leases := billing.expire_leases('billing.webhook_events', 'processing', 'received', v_limit);
+  v_key_leases := billing.expire_leases('billing.key_deletions', 'claimed', 'requested', v_limit);
 
   -- Active subscriptions whose period has ended: end them (cancel at period end) or renew them.
   for v_id in
@@ -136,12 +148,7 @@ begin
       perform billing.create_attempt(p.id, v_now, 'renewal of period ' || p.period_index);
     else
       -- The card is gone (deleted at Toss): no charge can work, so ask for a new one.
-      select * into strict pl from billing.plans x where x.id = s.plan_id;
-      update billing.subscriptions su
-         set status = 'past_due', status_reason = 'renewal without a usable card', past_due_since = v_now,
-             grace_ends_at = billing.add_local(v_now, coalesce(pl.dunning_schedule[pg_catalog.cardinality(pl.dunning_schedule)], interval '0')),
-             awaiting_card = true
-       where su.id = s.id and su.status = 'active';
+      perform billing.mark_past_due(s.id, 'renewal without a usable card', awaiting_card => true);
       perform billing.notify_subscriber('card_needed', s.id,
         pg_catalog.jsonb_build_object('reason', 'no usable card for the renewal', 'periodIndex', p.period_index));
       v_card_needed := v_card_needed + 1;

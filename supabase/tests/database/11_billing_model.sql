@@ -3,47 +3,7 @@
 begin;
 select plan(40);
 
-create function pg_temp.as_user(sub text) returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', json_build_object('sub', sub, 'role', 'authenticated',
-                                                             'email', sub || '@example.com')::text, true);
-  perform set_config('role', 'authenticated', true);
-end $$;
-create function pg_temp.as_service() returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', '', true);
-  perform set_config('role', 'billing_service', true);
-end $$;
-create function pg_temp.as_owner() returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', '', true);
-  perform set_config('role', 'none', true);
-end $$;
--- Runs SQL (format() with args) as billing_service; assertions run as postgres, since pgTAP lives
--- in schema extensions, which the service role cannot use.
-create function pg_temp.svc(sql text, variadic args text[] default '{}') returns jsonb language plpgsql as $$
-declare
-  r jsonb;
-begin
-  perform pg_temp.as_service();
-  execute format(sql, variadic args) into r;
-  perform pg_temp.as_owner();
-  return r;
-end $$;
-create function pg_temp.register(sub text, billing_key text) returns jsonb language plpgsql as $$
-declare
-  reg jsonb;
-  done jsonb;
-  sha text := encode(extensions.digest(billing_key, 'sha256'), 'hex');
-begin
-  perform pg_temp.as_user(sub);
-  reg := api.begin_registration('pro');
-  perform pg_temp.as_service();
-  done := billing.service_complete_registration(reg ->> 'customerKey', convert_to('ct:' || billing_key, 'UTF8'), 'k1',
-            sha, '{"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용", "ownerType": "개인"}}');
-  perform pg_temp.as_owner();
-  return done || jsonb_build_object('customerKey', reg ->> 'customerKey');
-end $$;
+-- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
 -- Clock -------------------------------------------------------------------------------------------
 select is(billing.now(), now(), 'without a test clock billing.now() is the transaction time');
@@ -60,7 +20,7 @@ select throws_ok($$ select billing.set_test_clock('infinity') $$, 'SB400', null,
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
 select is((select count(*)::int from billing.events where entity_type = 'clock'), 4,
   'every clock change is in the event log');
-select throws_ok($$ select pg_temp.svc('select to_jsonb(billing.set_test_clock(%L))', '2030-01-01') $$,
+select throws_ok($$ select tests.svc('select to_jsonb(billing.set_test_clock(%L))', '2030-01-01') $$,
   '42501', null, 'the service cannot move the clock');
 
 -- Calendar ----------------------------------------------------------------------------------------
@@ -99,8 +59,8 @@ select throws_ok($$ insert into billing.plan_prices (plan_id, amount, effective_
                     select id, 99, now() from billing.plans where code = 'pro' $$,
   '23514', null, 'prices are at least 100 KRW (Toss''s card minimum)');
 
-select pg_temp.register('user-a', 'bk_a') as a \gset
-select pg_temp.register('user-b', 'bk_b') as b \gset
+select tests.register('user-a', 'bk_a') as a \gset
+select tests.register('user-b', 'bk_b') as b \gset
 
 select throws_ok($$ truncate billing.credit_entries $$, 'SB403', null, 'the credit ledger is append-only');
 select throws_ok(
@@ -131,21 +91,21 @@ select matches(:'a'::jsonb ->> 'customerKey', '^ck_[0-9a-f]{32}$', 'customerKeys
 -- RLS: should SELECT ever be granted, a subscriber still sees only their own rows; anon nothing.
 grant usage on schema billing to authenticated, anon;
 grant select on billing.subscriptions, billing.customers, billing.events to authenticated, anon;
-select pg_temp.as_user('user-a');
+select tests.as_user('user-a');
 select results_eq($$ select user_id from billing.subscriptions $$, $$ values ('user-a') $$,
   'RLS: user-a sees only user-a''s subscription');
 select results_eq($$ select user_id from billing.customers $$, $$ values ('user-a') $$,
   'RLS: user-a sees only user-a''s customer row');
 select is_empty($$ select 1 from billing.events $$, 'RLS: the event log has no subscriber policy');
-select pg_temp.as_user('user-b');
+select tests.as_user('user-b');
 select results_eq($$ select user_id from billing.subscriptions $$, $$ values ('user-b') $$,
   'RLS: user-b sees only user-b''s subscription');
-select pg_temp.as_user('someone-else');
+select tests.as_user('someone-else');
 select is_empty($$ select 1 from billing.subscriptions $$, 'RLS: a stranger sees nothing');
-select pg_temp.as_owner();
+select tests.as_owner();
 select set_config('role', 'anon', true) is not null as _ \gset
 select is_empty($$ select 1 from billing.subscriptions $$, 'RLS: anon sees nothing even with a grant');
-select pg_temp.as_owner();
+select tests.as_owner();
 revoke all on billing.subscriptions, billing.customers, billing.events from authenticated, anon;
 revoke usage on schema billing from authenticated, anon;
 

@@ -3,78 +3,7 @@
 begin;
 select plan(55);
 
--- Identity switches for the rest of the transaction: a subscriber (role authenticated with JWT
--- claims, as PostgREST sets them), the service role, or back to the owner.
-create function pg_temp.as_user(sub text) returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', json_build_object('sub', sub, 'role', 'authenticated',
-                                                             'email', sub || '@example.com')::text, true);
-  perform set_config('role', 'authenticated', true);
-end $$;
-create function pg_temp.as_service() returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', '', true);
-  perform set_config('role', 'billing_service', true);
-end $$;
-create function pg_temp.as_owner() returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', '', true);
-  perform set_config('role', 'none', true);
-end $$;
--- Runs SQL (format() with args) as billing_service; assertions run as postgres, since pgTAP lives
--- in schema extensions, which the service role cannot use.
-create function pg_temp.svc(sql text, variadic args text[] default '{}') returns jsonb language plpgsql as $$
-declare
-  r jsonb;
-begin
-  perform pg_temp.as_service();
-  execute format(sql, variadic args) into r;
-  perform pg_temp.as_owner();
-  return r;
-end $$;
--- A Toss Payment object as the charge or a lookup returns it.
-create function pg_temp.payment(order_id text, amount bigint) returns jsonb language sql as $$
-  select jsonb_build_object('paymentKey', 'pk_' || order_id, 'orderId', order_id, 'status', 'DONE', 'method', '카드',
-                            'totalAmount', amount, 'balanceAmount', amount, 'approvedAt', '2028-01-10T10:00:00+09:00',
-                            'secret', 'ps_' || left(order_id, 20), 'lastTransactionKey', 'tx_' || order_id,
-                            'receipt', jsonb_build_object('url', 'https://receipt.example/' || order_id), 'cancels', null)
-$$;
--- A subscriber registers a card; the service records the billing key Toss issued.
-create function pg_temp.register(sub text, billing_key text) returns jsonb language plpgsql as $$
-declare
-  reg jsonb;
-  done jsonb;
-  sha text := encode(extensions.digest(billing_key, 'sha256'), 'hex');
-begin
-  perform pg_temp.as_user(sub);
-  reg := api.begin_registration('pro');
-  perform pg_temp.as_service();
-  done := billing.service_complete_registration(reg ->> 'customerKey', convert_to('ct:' || billing_key, 'UTF8'), 'k1',
-            sha, '{"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용", "ownerType": "개인"}}');
-  perform pg_temp.as_owner();
-  return done || jsonb_build_object('customerKey', reg ->> 'customerKey', 'sha', sha);
-end $$;
--- The service claims every due attempt and answers each with the given outcome.
-create function pg_temp.serve(outcome text default 'ok', code text default 'REJECT_CARD_PAYMENT')
-returns jsonb language plpgsql as $$
-declare
-  c record;
-  out jsonb := '[]';
-begin
-  perform pg_temp.as_service();
-  for c in select * from billing.service_claim_attempts('tap', 100) loop
-    if outcome = 'ok' then
-      perform billing.service_record_charge_success(c.attempt_id, pg_temp.payment(c.order_id, c.amount));
-    elsif outcome = 'claim' then
-      null;
-    else
-      perform billing.service_record_charge_failure(c.attempt_id, code, 'refused', outcome);
-    end if;
-    out := out || jsonb_build_array(c.attempt_id);
-  end loop;
-  perform pg_temp.as_owner();
-  return out;
-end $$;
+-- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
 select billing.enable_test_clock() is not null as _ \gset
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
@@ -91,23 +20,23 @@ select throws_ok($$ select api.my_credits() $$, '42501', null, 'anon cannot read
 select throws_ok($$ select api.cancel_subscription() $$, '42501', null, 'anon cannot cancel');
 select throws_ok($$ select api.resume_subscription() $$, '42501', null, 'anon cannot resume');
 select throws_ok($$ select api.consume_credit('x') $$, '42501', null, 'anon cannot consume credits');
-select pg_temp.as_owner();
+select tests.as_owner();
 select set_config('role', 'service_role', true) is not null as _ \gset
 select throws_ok($$ select api.my_subscription() $$, '42501', null, 'Supabase''s service_role cannot call api');
-select pg_temp.as_owner();
-select throws_ok($$ select pg_temp.svc('select api.my_subscription()') $$, '42501', null,
+select tests.as_owner();
+select throws_ok($$ select tests.svc('select api.my_subscription()') $$, '42501', null,
   'billing_service cannot call api');
 
 select set_config('role', 'authenticated', true) is not null as _ \gset
 select throws_ok($$ select api.my_subscription() $$, 'SB401', 'not signed in', 'no JWT: SB401');
 select set_config('request.jwt.claims', '{"role": "authenticated"}', true) is not null as _ \gset
 select throws_ok($$ select api.consume_credit('x') $$, 'SB401', null, 'a JWT without sub: SB401');
-select pg_temp.as_owner();
+select tests.as_owner();
 
 -- begin_registration ------------------------------------------------------------------------------
-select pg_temp.as_user('user-a');
+select tests.as_user('user-a');
 select api.begin_registration() as reg_a \gset
-select pg_temp.as_owner();
+select tests.as_owner();
 select matches(:'reg_a'::jsonb ->> 'customerKey', '^ck_[0-9a-f]{32}$', 'a fresh unguessable customerKey');
 select is(:'reg_a'::jsonb - 'customerKey' - 'registrationId',
   '{"amount": 9900, "currency": "KRW", "orderName": "Saju맛피아 Pro 2028.01.10~2028.02.09",
@@ -122,27 +51,27 @@ select results_eq(
          :'reg_a'::jsonb ->> 'customerKey'),
   $$ values ('user-a'::text, 'user-a@example.com'::text, 'pending'::text) $$,
   'the customerKey is bound to the caller server-side');
-select pg_temp.as_user('user-a');
+select tests.as_user('user-a');
 select throws_ok($$ select api.begin_registration('gold') $$, 'SB404', null, 'unknown plan: SB404');
 select throws_ok($$ select api.begin_registration(null) $$, 'SB400', null, 'no plan: SB400');
 select lives_ok($$ select api.begin_registration(); select api.begin_registration();
                    select api.begin_registration(); select api.begin_registration() $$,
   'up to five registrations may be pending');
 select throws_ok($$ select api.begin_registration() $$, 'SB422', null, 'a sixth pending registration: SB422');
-select pg_temp.as_owner();
+select tests.as_owner();
 
-select pg_temp.register('user-b', 'bk_b') as b \gset
-select pg_temp.as_user('user-b');
+select tests.register('user-b', 'bk_b') as b \gset
+select tests.as_user('user-b');
 select throws_ok($$ select api.begin_registration('basic') $$, 'SB422', null,
   'another plan while subscribed: SB422 (no plan changes)');
 select is((api.begin_registration('pro') ->> 'replacesCard')::boolean, true,
   'registering again while subscribed replaces the card');
-select pg_temp.as_owner();
+select tests.as_owner();
 
 -- my_subscription ---------------------------------------------------------------------------------
-select pg_temp.as_user('user-c');
+select tests.as_user('user-c');
 select is(api.my_subscription(), null, 'no subscription yet: null');
-select pg_temp.as_user('user-b');
+select tests.as_user('user-b');
 select is(api.my_subscription() - 'subscriptionId' - 'billingAnchor' - 'cancelRequestedAt',
   '{"status": "incomplete", "plan": {"code": "pro", "name": "Saju맛피아 Pro", "creditsPerPeriod": 10},
     "currentPeriod": {"index": 1, "startsAt": "2028-01-10T01:00:00+00:00", "endsAt": "2028-02-10T01:00:00+00:00",
@@ -151,26 +80,26 @@ select is(api.my_subscription() - 'subscriptionId' - 'billingAnchor' - 'cancelRe
     "graceEndsAt": "2028-01-11T01:00:00+00:00", "awaitingCard": false, "nextChargeAt": "2028-01-10T01:00:00+00:00",
     "card": {"numberMasked": "4330****1234", "issuerCode": "61", "cardType": "신용", "status": "active"}}'::jsonb,
   'a new subscription is incomplete until its first charge; the first charge is due now');
-select pg_temp.as_owner();
-select is(jsonb_array_length(pg_temp.serve('ok')), 1, 'the service charges the first period');
-select pg_temp.as_user('user-b');
+select tests.as_owner();
+select is(jsonb_array_length(tests.serve('ok')), 1, 'the service charges the first period');
+select tests.as_user('user-b');
 select is(api.my_subscription() ->> 'status', 'active', 'paid: active');
 select is(api.my_subscription() ->> 'nextChargeAt', '2028-02-10T01:00:00+00:00', 'the next charge is at period end');
-select pg_temp.as_user('user-a');
+select tests.as_user('user-a');
 select is(api.my_subscription(), null, 'user-a does not see user-b''s subscription');
 
 -- my_payments -------------------------------------------------------------------------------------
-select pg_temp.as_user('user-b');
+select tests.as_user('user-b');
 select is(jsonb_array_length(api.my_payments()), 1, 'one payment');
 select is((api.my_payments() -> 0) - 'paymentId' - 'orderId' - 'receiptUrl',
   '{"status": "DONE", "totalAmount": 9900, "balanceAmount": 9900, "approvedAt": "2028-01-10T01:00:00+00:00",
     "periodIndex": 1, "periodStartsAt": "2028-01-10T01:00:00+00:00", "periodEndsAt": "2028-02-10T01:00:00+00:00",
     "refunds": []}'::jsonb, 'the payment with its period');
-select pg_temp.as_user('user-c');
+select tests.as_user('user-c');
 select is(api.my_payments(), '[]'::jsonb, 'someone else sees no payments');
 
 -- my_credits and consume_credit -------------------------------------------------------------------
-select pg_temp.as_user('user-b');
+select tests.as_user('user-b');
 select is((api.my_credits() ->> 'balance')::int, 10, 'a paid period grants 10 credits');
 select is(api.my_credits() -> 'grants' -> 0 ->> 'expiresAt', '2028-02-10T01:00:00+00:00',
   'credits expire at period end');
@@ -186,14 +115,14 @@ select lives_ok($$ select api.consume_credit('t') from generate_series(1, 9) $$,
 select throws_ok($$ select api.consume_credit('one too many') $$, 'SB422', 'no credits left',
   'none left: SB422');
 select is((api.my_credits() ->> 'balance')::int, 0, 'the balance stops at zero');
-select pg_temp.as_user('user-c');
+select tests.as_user('user-c');
 select throws_ok($$ select api.consume_credit('x') $$, 'SB422', null, 'never subscribed: SB422');
 select is(api.my_credits(), '{"balance": 0, "grants": [], "entries": []}'::jsonb, 'no credits for a stranger');
 
 -- cancel_subscription and resume_subscription -----------------------------------------------------
 select throws_ok($$ select api.cancel_subscription() $$, 'SB404', null, 'nothing to cancel: SB404');
 select throws_ok($$ select api.resume_subscription() $$, 'SB404', null, 'nothing to resume: SB404');
-select pg_temp.as_user('user-b');
+select tests.as_user('user-b');
 select throws_ok($$ select api.resume_subscription() $$, 'SB409', null, 'not scheduled to cancel: SB409');
 select api.cancel_subscription() as canceled \gset
 select is((:'canceled'::jsonb ->> 'cancelAtPeriodEnd')::boolean, true, 'cancel: at the end of the period');
@@ -202,24 +131,24 @@ select is(api.cancel_subscription() ->> 'cancelRequestedAt', :'canceled'::jsonb 
   'canceling again changes nothing');
 select is(api.my_subscription() ->> 'nextChargeAt', null, 'no next charge after a cancel');
 select is((api.resume_subscription() ->> 'cancelAtPeriodEnd')::boolean, false, 'resume before the end');
-select pg_temp.as_owner();
+select tests.as_owner();
 select results_eq(
   format($$ select kind::text from billing.notifications where subscription_id = %L
              and kind in ('cancel_scheduled', 'resumed') order by id $$, :'b'::jsonb ->> 'subscriptionId'),
   $$ values ('cancel_scheduled'::text), ('resumed'::text) $$, 'both are notified');
-select pg_temp.as_user('user-b');
+select tests.as_user('user-b');
 select api.cancel_subscription() is not null as _ \gset
-select pg_temp.as_owner();
+select tests.as_owner();
 select billing.advance_test_clock('31 days') is not null as _ \gset
-select pg_temp.as_user('user-b');
+select tests.as_user('user-b');
 select throws_ok($$ select api.resume_subscription() $$, 'SB409', null, 'too late once the period has ended');
-select pg_temp.as_owner();
+select tests.as_owner();
 
 -- Canceling while past_due ends the subscription at once
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
-select pg_temp.register('user-d', 'bk_d') as d \gset
-select is(jsonb_array_length(pg_temp.serve('decline')), 1, 'the first charge of user-d is declined');
-select pg_temp.as_user('user-d');
+select tests.register('user-d', 'bk_d') as d \gset
+select is(jsonb_array_length(tests.serve('decline')), 1, 'the first charge of user-d is declined');
+select tests.as_user('user-d');
 select is(api.my_subscription() ->> 'status', 'incomplete', 'a declined first charge leaves it incomplete');
 select is((api.cancel_subscription() - 'subscriptionId' - 'billingAnchor' - 'card' - 'currentPeriod' - 'plan'
            - 'anchorDay'),
@@ -227,7 +156,7 @@ select is((api.cancel_subscription() - 'subscriptionId' - 'billingAnchor' - 'car
     "canceledAt": "2028-01-10T01:00:00+00:00", "endedAt": "2028-01-10T01:00:00+00:00", "pastDueSince": null,
     "graceEndsAt": null, "awaitingCard": false, "nextChargeAt": null}'::jsonb,
   'canceling an unpaid subscription ends it now');
-select pg_temp.as_owner();
+select tests.as_owner();
 select is((select status::text from billing.billing_periods where subscription_id = (:'d'::jsonb ->> 'subscriptionId')::uuid),
   'void', 'its unpaid period is void');
 

@@ -3,106 +3,35 @@
 begin;
 select plan(80);
 
--- Identity switches for the rest of the transaction: a subscriber (role authenticated with JWT
--- claims, as PostgREST sets them), the service role, or back to the owner.
-create function pg_temp.as_user(sub text) returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', json_build_object('sub', sub, 'role', 'authenticated',
-                                                             'email', sub || '@example.com')::text, true);
-  perform set_config('role', 'authenticated', true);
-end $$;
-create function pg_temp.as_service() returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', '', true);
-  perform set_config('role', 'billing_service', true);
-end $$;
-create function pg_temp.as_owner() returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', '', true);
-  perform set_config('role', 'none', true);
-end $$;
--- Runs SQL (format() with args) as billing_service; assertions run as postgres, since pgTAP lives
--- in schema extensions, which the service role cannot use.
-create function pg_temp.svc(sql text, variadic args text[] default '{}') returns jsonb language plpgsql as $$
-declare
-  r jsonb;
-begin
-  perform pg_temp.as_service();
-  execute format(sql, variadic args) into r;
-  perform pg_temp.as_owner();
-  return r;
-end $$;
--- A Toss Payment object as the charge or a lookup returns it.
-create function pg_temp.payment(order_id text, amount bigint) returns jsonb language sql as $$
-  select jsonb_build_object('paymentKey', 'pk_' || order_id, 'orderId', order_id, 'status', 'DONE', 'method', '카드',
-                            'totalAmount', amount, 'balanceAmount', amount, 'approvedAt', '2028-01-10T10:00:00+09:00',
-                            'secret', 'ps_' || left(order_id, 20), 'lastTransactionKey', 'tx_' || order_id,
-                            'receipt', jsonb_build_object('url', 'https://receipt.example/' || order_id), 'cancels', null)
-$$;
--- A subscriber registers a card; the service records the billing key Toss issued.
-create function pg_temp.register(sub text, billing_key text) returns jsonb language plpgsql as $$
-declare
-  reg jsonb;
-  done jsonb;
-  sha text := encode(extensions.digest(billing_key, 'sha256'), 'hex');
-begin
-  perform pg_temp.as_user(sub);
-  reg := api.begin_registration('pro');
-  perform pg_temp.as_service();
-  done := billing.service_complete_registration(reg ->> 'customerKey', convert_to('ct:' || billing_key, 'UTF8'), 'k1',
-            sha, '{"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용", "ownerType": "개인"}}');
-  perform pg_temp.as_owner();
-  return done || jsonb_build_object('customerKey', reg ->> 'customerKey', 'sha', sha);
-end $$;
--- The service claims every due attempt and answers each with the given outcome.
-create function pg_temp.serve(outcome text default 'ok', code text default 'REJECT_CARD_PAYMENT')
-returns jsonb language plpgsql as $$
-declare
-  c record;
-  out jsonb := '[]';
-begin
-  perform pg_temp.as_service();
-  for c in select * from billing.service_claim_attempts('tap', 100) loop
-    if outcome = 'ok' then
-      perform billing.service_record_charge_success(c.attempt_id, pg_temp.payment(c.order_id, c.amount));
-    elsif outcome = 'claim' then
-      null;
-    else
-      perform billing.service_record_charge_failure(c.attempt_id, code, 'refused', outcome);
-    end if;
-    out := out || jsonb_build_array(c.attempt_id);
-  end loop;
-  perform pg_temp.as_owner();
-  return out;
-end $$;
+-- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
 select billing.enable_test_clock() is not null as _ \gset
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
 
 -- service_complete_registration -------------------------------------------------------------------
-select pg_temp.as_user('user-a');
+select tests.as_user('user-a');
 select api.begin_registration() as reg_a \gset
 select throws_ok(format($$ select billing.service_complete_registration(%L, '\x01', 'k1', repeat('a', 64), null) $$,
                         :'reg_a'::jsonb ->> 'customerKey'),
   '42501', null, 'a subscriber cannot complete a registration');
-select pg_temp.as_owner();
+select tests.as_owner();
 select encode(extensions.digest('bk_a', 'sha256'), 'hex') as sha_a \gset
 
-select throws_ok($$ select pg_temp.svc('select billing.service_complete_registration(%L, %L, %L, %L, null)',
+select throws_ok($$ select tests.svc('select billing.service_complete_registration(%L, %L, %L, %L, null)',
                                        'ck_nope', '\x01', 'k1', repeat('a', 64)) $$,
   'SB404', null, 'unknown customerKey: SB404');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, null)',
+select throws_ok(format($$ select tests.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, null)',
                                               %L, '\x01', 'k1', 'not-a-sha') $$, :'reg_a'::jsonb ->> 'customerKey'),
   'SB400', null, 'malformed sha256: SB400');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, %%L)',
+select throws_ok(format($$ select tests.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, %%L)',
                                               %L, '\x01', 'k1', %L, '{"billingKey": "bk_a"}') $$,
                         :'reg_a'::jsonb ->> 'customerKey', :'sha_a'),
   'SB400', null, 'a plaintext billing key is refused: SB400');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, null)',
+select throws_ok(format($$ select tests.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, null)',
                                               %L, '\x', 'k1', %L) $$, :'reg_a'::jsonb ->> 'customerKey', :'sha_a'),
   'SB400', null, 'an empty ciphertext: SB400');
 
-select pg_temp.svc('select billing.service_complete_registration(%L, %L, %L, %L, %L)',
+select tests.svc('select billing.service_complete_registration(%L, %L, %L, %L, %L)',
   :'reg_a'::jsonb ->> 'customerKey', '\x63743a626b5f61', 'k1', :'sha_a',
   '{"mId": "tvivarepublica", "cardCompany": "현대", "card": {"number": "4330****1234", "issuerCode": "61", "acquirerCode": "61", "cardType": "신용", "ownerType": "개인"}}') as a \gset
 select is(:'a'::jsonb ->> 'replay', 'false', 'the billing key is recorded');
@@ -125,20 +54,20 @@ select results_eq(
   $$ values ('active'::text, '4330****1234'::text, '61'::text, '61'::text, '신용'::text, '개인'::text,
              '\x63743a626b5f61'::bytea, 'k1'::text) $$,
   'the payment method keeps only the ciphertext and the card details');
-select is(pg_temp.svc('select billing.service_complete_registration(%L, %L, %L, %L, null)',
+select is(tests.svc('select billing.service_complete_registration(%L, %L, %L, %L, null)',
             :'reg_a'::jsonb ->> 'customerKey', '\x01', 'k1', :'sha_a') - 'registrationId',
   jsonb_build_object('subscriptionId', :'a'::jsonb -> 'subscriptionId', 'paymentMethodId',
                      :'a'::jsonb -> 'paymentMethodId', 'replay', true),
   'the same billing key again is a replay');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, null)',
+select throws_ok(format($$ select tests.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, null)',
                                               %L, '\x01', 'k1', repeat('b', 64)) $$, :'reg_a'::jsonb ->> 'customerKey'),
   'SB409', null, 'another billing key for a completed registration: SB409');
 
-select pg_temp.as_user('user-e');
+select tests.as_user('user-e');
 select api.begin_registration() as reg_e \gset
-select pg_temp.as_owner();
+select tests.as_owner();
 select billing.advance_test_clock('61 minutes') is not null as _ \gset
-select throws_ok(format($$ select pg_temp.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, null)',
+select throws_ok(format($$ select tests.svc('select billing.service_complete_registration(%%L, %%L, %%L, %%L, null)',
                                               %L, '\x01', 'k1', repeat('e', 64)) $$, :'reg_e'::jsonb ->> 'customerKey'),
   'SB409', null, 'an expired registration: SB409');
 select is((billing.tick() ->> 'registrationsExpired')::int, 1, 'the tick expires it');
@@ -147,34 +76,34 @@ select is((select status::text from billing.card_registrations where customer_ke
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
 
 -- service_fail_registration -----------------------------------------------------------------------
-select pg_temp.as_user('user-f');
+select tests.as_user('user-f');
 select api.begin_registration() as reg_f \gset
-select pg_temp.as_owner();
-select is(pg_temp.svc('select billing.service_fail_registration(%L, %L, %L)', :'reg_f'::jsonb ->> 'customerKey',
+select tests.as_owner();
+select is(tests.svc('select billing.service_fail_registration(%L, %L, %L)', :'reg_f'::jsonb ->> 'customerKey',
                       'PAY_PROCESS_CANCELED', '사용자가 결제를 취소했습니다') ->> 'changed', 'true',
   'the fail URL''s code is recorded');
 select results_eq(format($$ select status::text, fail_code from billing.card_registrations where customer_key = %L $$,
                          :'reg_f'::jsonb ->> 'customerKey'),
   $$ values ('failed'::text, 'PAY_PROCESS_CANCELED'::text) $$, 'the registration failed with its code');
-select is(pg_temp.svc('select billing.service_fail_registration(%L, %L, null)', :'reg_f'::jsonb ->> 'customerKey',
+select is(tests.svc('select billing.service_fail_registration(%L, %L, null)', :'reg_f'::jsonb ->> 'customerKey',
                       'PAY_PROCESS_CANCELED') ->> 'changed', 'false', 'recording it again changes nothing');
-select throws_ok($$ select pg_temp.svc('select billing.service_fail_registration(%L, %L, null)', 'ck_nope', 'X') $$,
+select throws_ok($$ select tests.svc('select billing.service_fail_registration(%L, %L, null)', 'ck_nope', 'X') $$,
   'SB404', null, 'unknown customerKey: SB404');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_fail_registration(%%L, %%L, null)', %L, 'X') $$,
+select throws_ok(format($$ select tests.svc('select billing.service_fail_registration(%%L, %%L, null)', %L, 'X') $$,
                         :'reg_a'::jsonb ->> 'customerKey'),
   'SB409', null, 'a completed registration cannot fail: SB409');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_fail_registration(%%L, null, null)', %L) $$,
+select throws_ok(format($$ select tests.svc('select billing.service_fail_registration(%%L, null, null)', %L) $$,
                         :'reg_f'::jsonb ->> 'customerKey'),
   'SB400', null, 'no code: SB400');
 
 -- service_claim_attempts --------------------------------------------------------------------------
-select throws_ok($$ select pg_temp.svc('select to_jsonb(array_agg(c)) from billing.service_claim_attempts(%L, 0) c', 'w') $$,
+select throws_ok($$ select tests.svc('select to_jsonb(array_agg(c)) from billing.service_claim_attempts(%L, 0) c', 'w') $$,
   'SB400', null, 'batch 0: SB400');
-select throws_ok($$ select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w', 10, '1 second') c $q$) $$,
+select throws_ok($$ select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w', 10, '1 second') c $q$) $$,
   'SB400', null, 'a one-second lease: SB400');
-select throws_ok($$ select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('') c $q$) $$,
+select throws_ok($$ select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('') c $q$) $$,
   'SB400', null, 'no worker name: SB400');
-select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w1') c $q$) -> 0 as c1 \gset
+select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w1') c $q$) -> 0 as c1 \gset
 select is(:'c1'::jsonb - 'attempt_id' - 'order_id' - 'idempotency_key' - 'subscription_id' - 'period_id',
   jsonb_build_object('mode', 'charge', 'amount', 9900, 'order_name', 'Saju맛피아 Pro 2028.01.10~2028.02.09',
                      'customer_key', :'reg_a'::jsonb ->> 'customerKey', 'billing_key_ciphertext', '\x63743a626b5f61',
@@ -182,11 +111,11 @@ select is(:'c1'::jsonb - 'attempt_id' - 'order_id' - 'idempotency_key' - 'subscr
                      'attempt_number', 1, 'lease_expires_at', '2028-01-10T01:02:00+00:00'),
   'a claim carries everything needed to charge, under a two-minute lease');
 select is(:'c1'::jsonb ->> 'attempt_id', :'a'::jsonb ->> 'attemptId', 'the due attempt was claimed');
-select is(pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w2') c $q$), null,
+select is(tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w2') c $q$), null,
   'a leased attempt is not handed out again');
 select billing.advance_test_clock('3 minutes') is not null as _ \gset
 select is(billing.tick() -> 'leasesExpired' ->> 'attempts', '1', 'the tick re-queues an expired lease');
-select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w3') c $q$) -> 0 as c2 \gset
+select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w3') c $q$) -> 0 as c2 \gset
 select is(array[:'c2'::jsonb ->> 'order_id', :'c2'::jsonb ->> 'idempotency_key'],
           array[:'c1'::jsonb ->> 'order_id', :'c1'::jsonb ->> 'idempotency_key'],
   'the re-sent attempt keeps its orderId and Idempotency-Key');
@@ -194,21 +123,21 @@ select is((select sends from billing.charge_attempts where id = (:'c1'::jsonb ->
   'it was handed out twice');
 
 -- service_record_charge_success -------------------------------------------------------------------
-select throws_ok($$ select pg_temp.svc('select billing.service_record_charge_success(%L, %L)',
-                                       gen_random_uuid()::text, pg_temp.payment('ord_x', 9900)::text) $$,
+select throws_ok($$ select tests.svc('select billing.service_record_charge_success(%L, %L)',
+                                       gen_random_uuid()::text, tests.payment('ord_x', 9900)::text) $$,
   'SB404', null, 'unknown attempt: SB404');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_record_charge_success(%%L, %%L)', %L, %L) $$,
-                        :'c1'::jsonb ->> 'attempt_id', pg_temp.payment('ord_other', 9900)),
+select throws_ok(format($$ select tests.svc('select billing.service_record_charge_success(%%L, %%L)', %L, %L) $$,
+                        :'c1'::jsonb ->> 'attempt_id', tests.payment('ord_other', 9900)),
   'SB400', null, 'a payment of another order: SB400');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_record_charge_success(%%L, %%L)', %L, %L) $$,
+select throws_ok(format($$ select tests.svc('select billing.service_record_charge_success(%%L, %%L)', %L, %L) $$,
                         :'c1'::jsonb ->> 'attempt_id',
-                        pg_temp.payment(:'c1'::jsonb ->> 'order_id', 9900) || '{"status": "ABORTED"}'),
+                        tests.payment(:'c1'::jsonb ->> 'order_id', 9900) || '{"status": "ABORTED"}'),
   'SB400', null, 'a payment that was not approved: SB400');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_record_charge_success(%%L, %%L)', %L, %L) $$,
+select throws_ok(format($$ select tests.svc('select billing.service_record_charge_success(%%L, %%L)', %L, %L) $$,
                         :'c1'::jsonb ->> 'attempt_id', '{"paymentKey": "pk"}'),
   'SB400', null, 'a malformed payment: SB400');
-select pg_temp.svc('select billing.service_record_charge_success(%L, %L)', :'c1'::jsonb ->> 'attempt_id',
-                   pg_temp.payment(:'c1'::jsonb ->> 'order_id', 9900)::text) as ok1 \gset
+select tests.svc('select billing.service_record_charge_success(%L, %L)', :'c1'::jsonb ->> 'attempt_id',
+                   tests.payment(:'c1'::jsonb ->> 'order_id', 9900)::text) as ok1 \gset
 select is(array[:'ok1'::jsonb ->> 'applied', :'ok1'::jsonb ->> 'replay', :'ok1'::jsonb ->> 'attemptStatus'],
           array['true', 'false', 'succeeded'], 'the success is applied');
 select results_eq(format($$ select s.status::text, bp.status::text, bp.paid_at, p.total_amount, p.status
@@ -220,8 +149,8 @@ select results_eq(format($$ select s.status::text, bp.status::text, bp.paid_at, 
 select results_eq(format($$ select amount, remaining, expires_at from billing.credit_grants where subscription_id = %L $$,
                          :'a'::jsonb ->> 'subscriptionId'),
   $$ values (10, 10, '2028-02-10 10:00+09'::timestamptz) $$, '10 credits, expiring at period end');
-select is(pg_temp.svc('select billing.service_record_charge_success(%L, %L)', :'c1'::jsonb ->> 'attempt_id',
-                      pg_temp.payment(:'c1'::jsonb ->> 'order_id', 9900)::text) ->> 'replay', 'true',
+select is(tests.svc('select billing.service_record_charge_success(%L, %L)', :'c1'::jsonb ->> 'attempt_id',
+                      tests.payment(:'c1'::jsonb ->> 'order_id', 9900)::text) ->> 'replay', 'true',
   'the same success again is a replay');
 select results_eq(format($$ select (select count(*) from billing.payments where subscription_id = %1$L),
                                    (select count(*) from billing.credit_entries e join billing.credit_grants g on g.id = e.grant_id
@@ -229,28 +158,28 @@ select results_eq(format($$ select (select count(*) from billing.payments where 
                                    (select count(*) from billing.notifications where subscription_id = %1$L and kind = 'activated') $$,
                          :'a'::jsonb ->> 'subscriptionId'),
   $$ values (1::bigint, 1::bigint, 1::bigint) $$, 'applied once: one payment, one grant, one notification');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_record_charge_success(%%L, %%L)', %L, %L) $$,
+select throws_ok(format($$ select tests.svc('select billing.service_record_charge_success(%%L, %%L)', %L, %L) $$,
                         :'c1'::jsonb ->> 'attempt_id',
-                        pg_temp.payment(:'c1'::jsonb ->> 'order_id', 9900) || '{"paymentKey": "pk_other"}'),
+                        tests.payment(:'c1'::jsonb ->> 'order_id', 9900) || '{"paymentKey": "pk_other"}'),
   'SB409', null, 'a different payment for the same attempt: SB409');
 
 -- Renewal and service_record_charge_failure -------------------------------------------------------
 select billing.set_test_clock('2028-02-10 10:00+09') is not null as _ \gset
 select is((billing.tick() ->> 'renewals')::int, 1, 'the period ended: renewal');
-select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 as r1 \gset
-select throws_ok(format($$ select pg_temp.svc('select billing.service_record_charge_failure(%%L, %%L, null, %%L)', %L, 'X', 'soft') $$,
+select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 as r1 \gset
+select throws_ok(format($$ select tests.svc('select billing.service_record_charge_failure(%%L, %%L, null, %%L)', %L, 'X', 'soft') $$,
                         :'r1'::jsonb ->> 'attempt_id'),
   'SB400', null, 'an unknown classification: SB400');
-select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, %L, %L)', :'r1'::jsonb ->> 'attempt_id',
+select is(tests.svc('select billing.service_record_charge_failure(%L, %L, %L, %L)', :'r1'::jsonb ->> 'attempt_id',
                       'FAILED_INTERNAL_SYSTEM_PROCESSING', 'try later', 'transient') - 'attemptId',
   jsonb_build_object('status', 'queued', 'changed', true, 'notBefore', '2028-02-10T01:01:00+00:00',
                      'orderId', :'r1'::jsonb ->> 'order_id'),
   'transient: the same attempt is queued again after a backoff, same orderId');
-select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r1'::jsonb ->> 'attempt_id',
+select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r1'::jsonb ->> 'attempt_id',
                       'PROVIDER_ERROR', 'transient') ->> 'changed', 'false',
   'a transient result for an attempt already waiting changes nothing');
 select billing.advance_test_clock('1 minute') is not null as _ \gset
-select is(jsonb_array_length(pg_temp.serve('decline')), 1, 'declined on the re-send');
+select is(jsonb_array_length(tests.serve('decline')), 1, 'declined on the re-send');
 select results_eq(format($$ select status::text, past_due_since, grace_ends_at from billing.subscriptions where id = %L $$,
                          :'a'::jsonb ->> 'subscriptionId'),
   $$ values ('past_due'::text, '2028-02-10 10:01+09'::timestamptz, '2028-02-17 10:01+09'::timestamptz) $$,
@@ -263,47 +192,47 @@ select results_eq(format($$ select attempt_number, status::text, not_before, ord
   'the next attempt is a new one (new orderId) on the dunning schedule: +1 day');
 select is((select payload ->> 'nextRetryAt' from billing.notifications where kind = 'payment_failed'),
   '2028-02-11T01:01:00+00:00', 'the subscriber is told when the card is tried again');
-select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r1'::jsonb ->> 'attempt_id',
+select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r1'::jsonb ->> 'attempt_id',
                       'REJECT_CARD_PAYMENT', 'decline') ->> 'changed', 'false',
   'the same decline again changes nothing');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_record_charge_failure(%%L, %%L, null, %%L)', %L, 'X', 'bug') $$,
+select throws_ok(format($$ select tests.svc('select billing.service_record_charge_failure(%%L, %%L, null, %%L)', %L, 'X', 'bug') $$,
                         :'r1'::jsonb ->> 'attempt_id'),
   'SB409', null, 'another result for a resolved attempt: SB409');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_record_charge_unknown(%%L, %%L)', %L, 'timeout') $$,
+select throws_ok(format($$ select tests.svc('select billing.service_record_charge_unknown(%%L, %%L)', %L, 'timeout') $$,
                         :'r1'::jsonb ->> 'attempt_id'),
   'SB409', null, 'unknown for a resolved attempt: SB409');
 
 select billing.set_test_clock('2028-02-11 10:01+09') is not null as _ \gset
-select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 as r2 \gset
-select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r2'::jsonb ->> 'attempt_id',
+select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 as r2 \gset
+select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r2'::jsonb ->> 'attempt_id',
                       'DUPLICATED_ORDER_ID', 'reconcile') - 'attemptId' - 'orderId',
   '{"status": "unknown", "changed": true, "notBefore": "2028-02-11T01:01:00+00:00"}'::jsonb,
   'reconcile: the attempt becomes unknown, to be looked up now');
-select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r2'::jsonb ->> 'attempt_id',
+select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r2'::jsonb ->> 'attempt_id',
                       'DUPLICATED_ORDER_ID', 'reconcile') ->> 'changed', 'false', 'reconcile again changes nothing');
-select is(pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 ->> 'mode',
+select is(tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 ->> 'mode',
   'lookup', 'an unknown attempt is handed out for a lookup');
-select is(pg_temp.svc('select billing.service_record_charge_unknown(%L, %L)', :'r2'::jsonb ->> 'attempt_id',
+select is(tests.svc('select billing.service_record_charge_unknown(%L, %L)', :'r2'::jsonb ->> 'attempt_id',
                       'lookup timed out') - 'attemptId' - 'orderId',
   '{"status": "unknown", "changed": true, "notBefore": "2028-02-11T01:03:00+00:00"}'::jsonb,
   'a failed lookup: still unknown, looked up again after a backoff');
-select is(pg_temp.svc('select billing.service_record_charge_unknown(%L, null)', :'r2'::jsonb ->> 'attempt_id') ->> 'changed',
+select is(tests.svc('select billing.service_record_charge_unknown(%L, null)', :'r2'::jsonb ->> 'attempt_id') ->> 'changed',
   'false', 'unknown again changes nothing');
 select billing.advance_test_clock('2 minutes') is not null as _ \gset
-select is(pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 ->> 'mode',
+select is(tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 ->> 'mode',
   'lookup', 'looked up again');
-select is(pg_temp.svc('select billing.service_record_lookup_not_found(%L)', :'r2'::jsonb ->> 'attempt_id') - 'attemptId',
+select is(tests.svc('select billing.service_record_lookup_not_found(%L)', :'r2'::jsonb ->> 'attempt_id') - 'attemptId',
   jsonb_build_object('status', 'queued', 'changed', true, 'notBefore', '2028-02-11T01:03:00+00:00',
                      'orderId', :'r2'::jsonb ->> 'order_id'),
   'not found at Toss: the same attempt is sent again now');
-select is(pg_temp.svc('select billing.service_record_lookup_not_found(%L)', :'r2'::jsonb ->> 'attempt_id') ->> 'changed',
+select is(tests.svc('select billing.service_record_lookup_not_found(%L)', :'r2'::jsonb ->> 'attempt_id') ->> 'changed',
   'false', 'not found again changes nothing');
-select is(pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 ->> 'mode',
+select is(tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 ->> 'mode',
   'charge', 'handed out to charge');
-select throws_ok(format($$ select pg_temp.svc('select billing.service_record_lookup_not_found(%%L)', %L) $$,
+select throws_ok(format($$ select tests.svc('select billing.service_record_lookup_not_found(%%L)', %L) $$,
                         :'r2'::jsonb ->> 'attempt_id'),
   'SB409', null, 'not found for an attempt that was being charged: SB409');
-select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r2'::jsonb ->> 'attempt_id',
+select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'r2'::jsonb ->> 'attempt_id',
                       'INVALID_STOPPED_CARD', 'needs_new_card') -> 'next' ->> 'action', 'await_card',
   'needs_new_card: no retry, wait for a card');
 select results_eq(format($$ select awaiting_card, (select count(*) from billing.charge_attempts ca
@@ -313,7 +242,7 @@ select results_eq(format($$ select awaiting_card, (select count(*) from billing.
 select is((select count(*)::int from billing.notifications where kind = 'card_needed'), 1, 'the subscriber is asked for a card');
 
 -- A new card charges the unpaid period at once
-select pg_temp.register('user-a', 'bk_a2') as a2 \gset
+select tests.register('user-a', 'bk_a2') as a2 \gset
 select is(:'a2'::jsonb ->> 'subscriptionId', :'a'::jsonb ->> 'subscriptionId', 'the new card goes to the same subscription');
 select results_eq(format($$ select status::text from billing.payment_methods where user_id = 'user-a' order by created_at $$),
   $$ values ('replaced'::text), ('active') $$, 'the old card is replaced');
@@ -323,40 +252,40 @@ select results_eq(format($$ select status::text, not_before, payment_method_id f
                          :'a2'::jsonb ->> 'attemptId'),
   format($$ values ('queued'::text, '2028-02-11 10:03+09'::timestamptz, %L::uuid) $$, :'a2'::jsonb ->> 'paymentMethodId'),
   'an attempt on the new card is due now');
-select is(jsonb_array_length(pg_temp.serve('ok')), 1, 'it is charged');
+select is(jsonb_array_length(tests.serve('ok')), 1, 'it is charged');
 select results_eq(format($$ select status::text, awaiting_card, past_due_since from billing.subscriptions where id = %L $$,
                          :'a'::jsonb ->> 'subscriptionId'),
   $$ values ('active'::text, false, null::timestamptz) $$, 'recovered: active again');
 
 -- bug ---------------------------------------------------------------------------------------------
-select pg_temp.register('user-g', 'bk_g') as g \gset
-select is(jsonb_array_length(pg_temp.serve('bug', 'NOT_MATCHES_CUSTOMER_KEY')), 1, 'a bug');
+select tests.register('user-g', 'bk_g') as g \gset
+select is(jsonb_array_length(tests.serve('bug', 'NOT_MATCHES_CUSTOMER_KEY')), 1, 'a bug');
 select is((select status::text from billing.charge_attempts where id = (:'g'::jsonb ->> 'attemptId')::uuid), 'failed',
   'bug: the attempt failed, no retry');
 select is((select payload ->> 'topic' from billing.notifications where kind = 'alert'),
   'charge failed with a bug classification; no retry', 'operators are alerted');
 
 -- service_apply_payment_snapshot ------------------------------------------------------------------
-select pg_temp.register('user-h', 'bk_h') as h \gset
-select is(jsonb_array_length(pg_temp.serve('claim')), 1, 'user-h''s first charge is sent');
-select pg_temp.svc('select billing.service_record_charge_unknown(%L, %L)', :'h'::jsonb ->> 'attemptId', 'read timeout') is not null as _ \gset
+select tests.register('user-h', 'bk_h') as h \gset
+select is(jsonb_array_length(tests.serve('claim')), 1, 'user-h''s first charge is sent');
+select tests.svc('select billing.service_record_charge_unknown(%L, %L)', :'h'::jsonb ->> 'attemptId', 'read timeout') is not null as _ \gset
 select (select order_id from billing.charge_attempts where id = (:'h'::jsonb ->> 'attemptId')::uuid) as h_order \gset
-select is(pg_temp.svc('select billing.service_apply_payment_snapshot(%L)',
-                      (pg_temp.payment(:'h_order', 9900) || '{"status": "ABORTED", "failure": {"code": "REJECT_CARD_PAYMENT"}}')::text)
+select is(tests.svc('select billing.service_apply_payment_snapshot(%L)',
+                      (tests.payment(:'h_order', 9900) || '{"status": "ABORTED", "failure": {"code": "REJECT_CARD_PAYMENT"}}')::text)
           - 'attemptId',
   '{"matched": "attempt", "attemptStatus": "unknown", "action": "classify_failure", "failure": {"code": "REJECT_CARD_PAYMENT"}}'::jsonb,
   'a failed payment found by lookup is left for the service to classify');
-select is(pg_temp.svc('select billing.service_apply_payment_snapshot(%L)', pg_temp.payment(:'h_order', 9900)::text)
+select is(tests.svc('select billing.service_apply_payment_snapshot(%L)', tests.payment(:'h_order', 9900)::text)
           ->> 'applied', 'true', 'an approved payment found by lookup resolves the unknown attempt');
 select is((select status::text from billing.subscriptions where id = (:'h'::jsonb ->> 'subscriptionId')::uuid), 'active',
   'and activates the subscription');
-select is(pg_temp.svc('select billing.service_apply_payment_snapshot(%L)', pg_temp.payment('ord_not_ours', 5000)::text)
+select is(tests.svc('select billing.service_apply_payment_snapshot(%L)', tests.payment('ord_not_ours', 5000)::text)
           ->> 'action', 'recorded_unmatched', 'an approval under an orderId that is not ours is recorded');
 select results_eq($$ select applied, attempt_id, total_amount from billing.payments where order_id = 'ord_not_ours' $$,
   $$ values (false, null::uuid, 5000::bigint) $$, 'unapplied, for an operator to look at');
-select is(pg_temp.svc('select billing.service_apply_payment_snapshot(%L)', pg_temp.payment('ord_not_ours', 5000)::text)
+select is(tests.svc('select billing.service_apply_payment_snapshot(%L)', tests.payment('ord_not_ours', 5000)::text)
           ->> 'matched', 'payment', 'seen again it is the same payment');
-select throws_ok($$ select pg_temp.svc('select billing.service_apply_payment_snapshot(%L)', '{"orderId": 1}') $$,
+select throws_ok($$ select tests.svc('select billing.service_apply_payment_snapshot(%L)', '{"orderId": 1}') $$,
   'SB400', null, 'a malformed snapshot: SB400');
 
 select * from finish();

@@ -4,78 +4,7 @@
 begin;
 select plan(54);
 
--- Identity switches for the rest of the transaction: a subscriber (role authenticated with JWT
--- claims, as PostgREST sets them), the service role, or back to the owner.
-create function pg_temp.as_user(sub text) returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', json_build_object('sub', sub, 'role', 'authenticated',
-                                                             'email', sub || '@example.com')::text, true);
-  perform set_config('role', 'authenticated', true);
-end $$;
-create function pg_temp.as_service() returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', '', true);
-  perform set_config('role', 'billing_service', true);
-end $$;
-create function pg_temp.as_owner() returns void language plpgsql as $$
-begin
-  perform set_config('request.jwt.claims', '', true);
-  perform set_config('role', 'none', true);
-end $$;
--- Runs SQL (format() with args) as billing_service; assertions run as postgres, since pgTAP lives
--- in schema extensions, which the service role cannot use.
-create function pg_temp.svc(sql text, variadic args text[] default '{}') returns jsonb language plpgsql as $$
-declare
-  r jsonb;
-begin
-  perform pg_temp.as_service();
-  execute format(sql, variadic args) into r;
-  perform pg_temp.as_owner();
-  return r;
-end $$;
--- A Toss Payment object as the charge or a lookup returns it.
-create function pg_temp.payment(order_id text, amount bigint) returns jsonb language sql as $$
-  select jsonb_build_object('paymentKey', 'pk_' || order_id, 'orderId', order_id, 'status', 'DONE', 'method', '카드',
-                            'totalAmount', amount, 'balanceAmount', amount, 'approvedAt', '2028-01-10T10:00:00+09:00',
-                            'secret', 'ps_' || left(order_id, 20), 'lastTransactionKey', 'tx_' || order_id,
-                            'receipt', jsonb_build_object('url', 'https://receipt.example/' || order_id), 'cancels', null)
-$$;
--- A subscriber registers a card; the service records the billing key Toss issued.
-create function pg_temp.register(sub text, billing_key text) returns jsonb language plpgsql as $$
-declare
-  reg jsonb;
-  done jsonb;
-  sha text := encode(extensions.digest(billing_key, 'sha256'), 'hex');
-begin
-  perform pg_temp.as_user(sub);
-  reg := api.begin_registration('pro');
-  perform pg_temp.as_service();
-  done := billing.service_complete_registration(reg ->> 'customerKey', convert_to('ct:' || billing_key, 'UTF8'), 'k1',
-            sha, '{"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용", "ownerType": "개인"}}');
-  perform pg_temp.as_owner();
-  return done || jsonb_build_object('customerKey', reg ->> 'customerKey', 'sha', sha);
-end $$;
--- The service claims every due attempt and answers each with the given outcome.
-create function pg_temp.serve(outcome text default 'ok', code text default 'REJECT_CARD_PAYMENT')
-returns jsonb language plpgsql as $$
-declare
-  c record;
-  out jsonb := '[]';
-begin
-  perform pg_temp.as_service();
-  for c in select * from billing.service_claim_attempts('tap', 100) loop
-    if outcome = 'ok' then
-      perform billing.service_record_charge_success(c.attempt_id, pg_temp.payment(c.order_id, c.amount));
-    elsif outcome = 'claim' then
-      null;
-    else
-      perform billing.service_record_charge_failure(c.attempt_id, code, 'refused', outcome);
-    end if;
-    out := out || jsonb_build_array(c.attempt_id);
-  end loop;
-  perform pg_temp.as_owner();
-  return out;
-end $$;
+-- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
 select billing.enable_test_clock() is not null as _ \gset
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
@@ -91,7 +20,7 @@ select is(billing.tick(),
     "leasesExpired": {"attempts": 0, "refunds": 0, "webhooks": 0, "keyDeletions": 0},
     "claimable": {"attempts": false, "refunds": false, "webhooks": false, "keyDeletions": false, "notifications": false}}'::jsonb,
   'an idle tick does nothing and rings nobody');
-select pg_temp.register('user-a', 'bk_a') as a \gset
+select tests.register('user-a', 'bk_a') as a \gset
 select (billing.tick() ->> 'doorbellRequestId')::bigint as bell \gset
 select ok(:'bell'::bigint is not null, 'with a charge due, the tick rings the service');
 select results_eq(format($$ select method::text, url, headers ->> 'Authorization', timeout_milliseconds,
@@ -103,17 +32,17 @@ select results_eq(format($$ select method::text, url, headers ->> 'Authorization
 select is((select count(*) from net.http_request_queue), (:queued_before + 1)::bigint, 'one request per ringing tick');
 
 -- Five subscribers at 2028-01-10 10:00 KST ----------------------------------------------------------
-select pg_temp.register('user-b', 'bk_b') as b \gset
-select pg_temp.register('user-c', 'bk_c') as c \gset
-select pg_temp.register('user-e', 'bk_e') as e \gset
-select pg_temp.register('user-f', 'bk_f') as f \gset
-select is(jsonb_array_length(pg_temp.serve('ok')), 5, 'five first charges succeed');
-select pg_temp.register('user-d', 'bk_d') as d \gset
-select is(jsonb_array_length(pg_temp.serve('decline')), 1, 'user-d''s first charge is declined');
-select pg_temp.as_user('user-a');
+select tests.register('user-b', 'bk_b') as b \gset
+select tests.register('user-c', 'bk_c') as c \gset
+select tests.register('user-e', 'bk_e') as e \gset
+select tests.register('user-f', 'bk_f') as f \gset
+select is(jsonb_array_length(tests.serve('ok')), 5, 'five first charges succeed');
+select tests.register('user-d', 'bk_d') as d \gset
+select is(jsonb_array_length(tests.serve('decline')), 1, 'user-d''s first charge is declined');
+select tests.as_user('user-a');
 select api.cancel_subscription() is not null as _ \gset
-select pg_temp.as_owner();
-select pg_temp.svc('select billing.service_mark_payment_method_deleted(%L, %L)', :'c'::jsonb ->> 'sha', 'x') is not null as _ \gset
+select tests.as_owner();
+select tests.svc('select billing.service_mark_payment_method_deleted(%L, %L)', :'c'::jsonb ->> 'sha', 'x') is not null as _ \gset
 
 -- Grace of an incomplete subscription
 select billing.set_test_clock('2028-01-11 09:59+09') is not null as _ \gset
@@ -131,7 +60,7 @@ select throws_ok($$ select billing.cancel_subscription_now(gen_random_uuid(), tr
   'unknown subscription: SB404');
 select throws_ok(format('select billing.cancel_subscription_now(%L, true, %L)', :'e'::jsonb ->> 'subscriptionId', ''),
   'SB400', null, 'no reason: SB400');
-select throws_ok(format($$ select pg_temp.svc('select billing.cancel_subscription_now(%%L, true, %%L)', %L, 'x') $$,
+select throws_ok(format($$ select tests.svc('select billing.cancel_subscription_now(%%L, true, %%L)', %L, 'x') $$,
                         :'e'::jsonb ->> 'subscriptionId'),
   '42501', null, 'the service cannot cancel subscriptions');
 select billing.cancel_subscription_now((:'e'::jsonb ->> 'subscriptionId')::uuid, true, 'support ticket 42') as e_out \gset
@@ -193,14 +122,14 @@ select results_eq($$ select kind::text, amount from billing.credit_entries where
   'expired credits are written off in the ledger (one by the immediate cancel)');
 
 -- retry_subscription_charge -------------------------------------------------------------------------
-select is(jsonb_array_length(pg_temp.serve('claim')), 2, 'b''s and f''s renewals are sent');
+select is(jsonb_array_length(tests.serve('claim')), 2, 'b''s and f''s renewals are sent');
 select a.id as b_attempt, a.order_id as b_order from billing.charge_attempts a
  where a.subscription_id = (:'b'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
 select a.id as f_attempt from billing.charge_attempts a
  where a.subscription_id = (:'f'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
-select pg_temp.svc('select billing.service_record_charge_success(%L, %L)', :'b_attempt',
-                   pg_temp.payment(:'b_order', 12900)::text) is not null as _ \gset
-select pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'f_attempt',
+select tests.svc('select billing.service_record_charge_success(%L, %L)', :'b_attempt',
+                   tests.payment(:'b_order', 12900)::text) is not null as _ \gset
+select tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'f_attempt',
                    'INVALID_REQUEST', 'bug') is not null as _ \gset
 select is((select status::text from billing.subscriptions where id = (:'f'::jsonb ->> 'subscriptionId')::uuid), 'past_due',
   'a bug leaves the renewal unpaid');
@@ -213,16 +142,16 @@ select isnt(billing.retry_subscription_charge((:'f'::jsonb ->> 'subscriptionId')
   'after fixing the cause, support retries');
 select throws_ok(format('select billing.retry_subscription_charge(%L)', :'f'::jsonb ->> 'subscriptionId'), 'SB409', null,
   'an attempt is already in flight: SB409');
-select is(jsonb_array_length(pg_temp.serve('ok')), 1, 'the retry is charged');
+select is(jsonb_array_length(tests.serve('ok')), 1, 'the retry is charged');
 select is((select status::text from billing.subscriptions where id = (:'f'::jsonb ->> 'subscriptionId')::uuid), 'active',
   'and the subscription is active again');
 
 -- Leases expire -------------------------------------------------------------------------------------
 select billing.request_refund(p.id, 1000, 'goodwill') is not null as _ from billing.payments p
  where p.order_id = :'b_order' \gset
-select pg_temp.svc($q$ select to_jsonb(w) from billing.service_ingest_webhook('whtrans_l', 'PAYMENT_STATUS_CHANGED',
+select tests.svc($q$ select to_jsonb(w) from billing.service_ingest_webhook('whtrans_l', 'PAYMENT_STATUS_CHANGED',
   '{"eventType": "PAYMENT_STATUS_CHANGED", "data": {}}') w $q$) is not null as _ \gset
-select is(pg_temp.svc($q$ select jsonb_build_array(
+select is(tests.svc($q$ select jsonb_build_array(
                            (select count(*) from billing.service_claim_refunds('w', 10)),
                            (select count(*) from billing.service_claim_webhooks('w', 10)),
                            (select count(*) from billing.service_claim_key_deletions('w', 1))) $q$),
@@ -251,21 +180,21 @@ select throws_ok($$ select billing.configure_plan_dunning('pro', '{3 days,1 day}
 select throws_ok($$ select billing.configure_plan_dunning('gold', '{1 day}', 'unpaid') $$, 'SB404', null,
   'unknown plan: SB404');
 select lives_ok($$ select billing.configure_plan_dunning('pro', '{1 day}', 'unpaid') $$, 'one retry, then unpaid');
-select pg_temp.register('user-g', 'bk_g') as g \gset
-select is(jsonb_array_length(pg_temp.serve('ok')), 1, 'user-g subscribes');
+select tests.register('user-g', 'bk_g') as g \gset
+select is(jsonb_array_length(tests.serve('ok')), 1, 'user-g subscribes');
 select billing.set_test_clock('2028-03-17 10:00+09') is not null as _ \gset
 select billing.tick() is not null as _ \gset
-select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) as due \gset
+select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) as due \gset
 select a.id as g_attempt from billing.charge_attempts a
  where a.subscription_id = (:'g'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
-select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'g_attempt',
+select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'g_attempt',
                       'REJECT_CARD_PAYMENT', 'decline') -> 'next' ->> 'notBefore', '2028-03-18T01:00:00+00:00',
   'declined: the single retry a day later');
 select billing.set_test_clock('2028-03-18 10:00+09') is not null as _ \gset
 select a.id as g_retry from billing.charge_attempts a
  where a.subscription_id = (:'g'::jsonb ->> 'subscriptionId')::uuid and a.status = 'queued' \gset
-select pg_temp.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) is not null as _ \gset
-select is(pg_temp.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'g_retry',
+select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) is not null as _ \gset
+select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'g_retry',
                       'REJECT_CARD_PAYMENT', 'decline') -> 'next',
   '{"action": "ended", "status": "unpaid"}'::jsonb, 'declined again: the schedule is exhausted');
 select results_eq(format($$ select s.status::text, s.ended_at, bp.status::text from billing.subscriptions s
