@@ -31,13 +31,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _is_supervisor(pid: int) -> bool:
+    # After a reboot the pid in a stale pidfile may belong to an unrelated process.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"service.cli" in cmdline and b"supervise" in cmdline
+
+
 def networker_pid(rt: Runtime) -> int | None:
     """The supervisor's pid if it is running."""
     try:
         pid = int(_pidfile(rt).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if _alive(pid) and _is_supervisor(pid) else None
 
 
 def ensure_networker(rt: Runtime) -> int:

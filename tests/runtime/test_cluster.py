@@ -138,3 +138,21 @@ def test_connecting_needs_the_password(rt: Runtime) -> None:
     bad = rt.dsn(MAIN_DB, "postgres").replace(":postgres@", ":wrong@")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(bad, connect_timeout=5)
+
+
+def test_a_stale_pidfile_naming_another_process_is_not_the_supervisor(
+    tmp_path: Path,
+) -> None:
+    """After a reboot the recorded pid may belong to something else; start must not trust it."""
+    runtime = Runtime(root=Runtime.from_env().root, base_dir=tmp_path, port=1)
+    runtime.run_dir.mkdir(parents=True)
+    (runtime.run_dir / "net-supervisor.pid").write_text(f"{os.getpid()}\n")
+    assert supervisor.networker_pid(runtime) is None
+    (runtime.run_dir / "net-supervisor.pid").write_text("not a pid\n")
+    assert supervisor.networker_pid(runtime) is None
+
+
+def test_the_running_supervisor_is_recognised(rt: Runtime) -> None:
+    pid = supervisor.networker_pid(rt)
+    assert pid is not None
+    assert supervisor.ensure_networker(rt) == pid, "a second start must not spawn another"
