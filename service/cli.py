@@ -108,8 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from service.runtime.cluster import LocalRuntimeError
+
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except LocalRuntimeError as exc:
+        print(f"saju-billing: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -221,9 +221,7 @@ class Runtime:
         try:
             self._run(argv)
         except LocalRuntimeError as exc:
-            log = self.log_dir / "postgres.log"
-            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-            raise LocalRuntimeError(f"{exc}\n--- {log} ---\n" + "\n".join(tail)) from exc
+            raise LocalRuntimeError(f"{exc}\n--- log ---\n{self._log_tail()}") from exc
 
     def _initdb(self) -> None:
         self._prepare_dirs()
@@ -324,10 +322,20 @@ class Runtime:
                 with self.connect(MAIN_DB) as conn:
                     conn.execute("select 1")
                 return
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise LocalRuntimeError(
+                        f"the cluster in {self.data_dir} does not accept connections on port "
+                        f"{self.port} ({exc}); 'saju-billing db stop' then 'db start' restarts "
+                        f"it\n--- log ---\n{self._log_tail()}"
+                    ) from exc
                 time.sleep(0.2)
+
+    def _log_tail(self, lines: int = 15) -> str:
+        log = self.log_dir / "postgres.log"
+        if not log.exists():
+            return ""
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
         if self.is_running():

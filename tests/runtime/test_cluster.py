@@ -156,3 +156,17 @@ def test_the_running_supervisor_is_recognised(rt: Runtime) -> None:
     pid = supervisor.networker_pid(rt)
     assert pid is not None
     assert supervisor.ensure_networker(rt) == pid, "a second start must not spawn another"
+
+
+def test_a_cluster_that_cannot_start_says_why() -> None:
+    """Port taken by the running cluster: the CLI prints the server's own complaint, exit 1."""
+    env = {**os.environ, "SAJU_RUNTIME_DIR": str(Path("/var/tmp") / f"saju-clash-{os.getpid()}")}
+    env["SAJU_DB_PORT"] = str(Runtime.from_env().port)  # already in use by the session's cluster
+    try:
+        proc = _cli(env, "db", "start")
+        assert proc.returncode == 1
+        assert "Traceback" not in proc.stderr
+        assert "could not create any TCP/IP sockets" in proc.stderr, proc.stderr
+    finally:
+        _cli(env, "db", "stop")
+        subprocess.run(["rm", "-rf", env["SAJU_RUNTIME_DIR"]], check=False)
