@@ -47,8 +47,9 @@ create type billing.attempt_status as enum
 create type billing.attempt_mode as enum ('charge', 'lookup');
 create type billing.failure_class as enum ('transient', 'decline', 'needs_new_card', 'reconcile', 'bug');
 create type billing.refund_status as enum ('requested', 'claimed', 'succeeded', 'failed');
+-- wrong_amount: Toss approved another amount than the attempt's (the period's price); never applied.
 create type billing.refund_source as enum
-  ('operator', 'prorated_cancel', 'duplicate_charge', 'late_charge', 'external');
+  ('operator', 'prorated_cancel', 'duplicate_charge', 'late_charge', 'wrong_amount', 'external');
 create type billing.credit_grant_status as enum ('active', 'expired', 'revoked');
 create type billing.credit_entry_kind as enum ('grant', 'consume', 'expire', 'revoke');
 create type billing.webhook_status as enum ('received', 'processing', 'processed', 'ignored', 'failed');
@@ -772,6 +773,10 @@ begin
   end loop;
 end
 $$;
+
+-- Customers have no status, but their creation is a state change all the same.
+create trigger customers_audit_insert after insert on billing.customers
+  for each row execute function billing.audit_status();
 
 create trigger subscriptions_audit_settings after update of cancel_at_period_end, payment_method_id, awaiting_card, current_period_index
   on billing.subscriptions

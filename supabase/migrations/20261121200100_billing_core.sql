@@ -710,8 +710,9 @@ comment on function billing.sync_payment(uuid, jsonb) is
   'Owner only. Raises SB400 when the snapshot is for another payment or malformed.';
 
 -- Records an approved charge of an attempt. The payment pays its period only when that period is
--- still open on a live subscription; otherwise (another attempt already paid it, or the
--- subscription ended meanwhile) the payment is kept, marked not applied, and refunded in full.
+-- still open on a live subscription and Toss charged exactly the attempt's amount; otherwise
+-- (another attempt already paid it, the subscription ended meanwhile, or another amount was
+-- charged) the payment is kept, marked not applied, and refunded in full.
 create function billing.apply_charge_success(attempt_id uuid, payment jsonb)
 returns jsonb
 language plpgsql
@@ -729,6 +730,9 @@ declare
   v_sync jsonb;
   v_refund uuid;
   v_source billing.refund_source;
+  v_wrong_amount boolean;
+  v_status billing.attempt_status;
+  v_after jsonb;
 begin
   select * into v from billing.parse_payment(payment);
   select ca.subscription_id into s.id from billing.charge_attempts ca where ca.id = apply_charge_success.attempt_id;
@@ -763,7 +767,13 @@ begin
     raise exception 'payment % is already recorded for another order', v.payment_key using errcode = 'SB409';
   end if;
 
-  v_applied := p.status = 'open' and s.status in ('incomplete', 'active', 'past_due')
+  -- The amount is the period's price, fixed on the attempt; the service sends exactly that. Any
+  -- other amount (a service bug, a forged body) never pays the period: the payment is still kept,
+  -- since Toss holds the money and refusing it would leave the ledger short (re-sends replay the
+  -- same answer, so it would never settle), but it is refunded in full, the attempt fails as a
+  -- bug (no automatic retry) and operators are alerted.
+  v_wrong_amount := v.total_amount <> a.amount;
+  v_applied := not v_wrong_amount and p.status = 'open' and s.status in ('incomplete', 'active', 'past_due')
                and s.current_period_id = p.id;
   insert into billing.payments (payment_key, order_id, attempt_id, subscription_id, period_id, customer_id, user_id,
                                 applied, status, method, total_amount, balance_amount, approved_at, secret,
@@ -772,17 +782,27 @@ begin
           v_applied, v.status, v.method, v.total_amount, v.total_amount, v.approved_at, v.secret,
           v.receipt_url, v.last_transaction_key, payment)
   returning * into pay;
-  if v.total_amount <> a.amount then
-    perform billing.raise_alert('charged amount differs from the period amount', 'payments', pay.id,
-      pg_catalog.jsonb_build_object('attemptId', a.id, 'expected', a.amount, 'charged', v.total_amount));
-  end if;
 
+  -- One succeeded attempt per period, also for a period that ended unpaid and then saw two late
+  -- approvals (the second is a duplicate of the first).
+  v_status := case
+    when v_wrong_amount then 'failed'::billing.attempt_status
+    when p.status = 'paid'
+         or exists (select 1 from billing.charge_attempts ca
+                     where ca.period_id = p.id and ca.status = 'succeeded' and ca.id <> a.id) then 'duplicate'
+    else 'succeeded' end;
   update billing.charge_attempts ca
-     set status = case when p.status = 'paid' then 'duplicate'::billing.attempt_status else 'succeeded' end,
-         status_reason = case when p.status = 'paid' then 'approved, but period ' || p.id || ' was already paid'
-                              else 'approved as payment ' || v.payment_key end,
+     set status = v_status,
+         status_reason = case v_status
+           when 'failed' then 'approved for ' || v.total_amount || ' KRW instead of ' || ca.amount
+           when 'duplicate' then 'approved, but period ' || p.id || ' already had a successful attempt'
+           else 'approved as payment ' || v.payment_key end,
          claim_mode = null, lease_owner = null, lease_expires_at = null, resolved_at = v_now,
-         classification = null
+         classification = case when v_wrong_amount then 'bug'::billing.failure_class end,
+         error_code = case when v_wrong_amount then 'AMOUNT_MISMATCH' else ca.error_code end,
+         error_message = case when v_wrong_amount
+                              then 'Toss approved ' || v.total_amount || ' KRW for an attempt of ' || ca.amount || ' KRW'
+                              else ca.error_message end
    where ca.id = a.id and ca.status in ('queued', 'claimed', 'unknown', 'declined', 'failed', 'canceled')
   returning * into a;
   if not found then
@@ -810,32 +830,42 @@ begin
                                           'periodEndsAt', p.ends_at, 'amount', pay.total_amount,
                                           'paymentId', pay.id, 'receiptUrl', pay.receipt_url));
   else
-    v_source := case when p.status = 'paid' then 'duplicate_charge'::billing.refund_source else 'late_charge' end;
+    v_source := case when v_wrong_amount then 'wrong_amount'::billing.refund_source
+                     when p.status = 'paid' then 'duplicate_charge'
+                     else 'late_charge' end;
     insert into billing.refunds (payment_id, user_id, amount, reason, source, requested_by, status_reason)
     values (pay.id, pay.user_id, pay.total_amount,
-            case v_source when 'duplicate_charge' then 'duplicate charge for an already paid period'
+            case v_source when 'wrong_amount' then 'charged amount differs from the period amount'
+                          when 'duplicate_charge' then 'duplicate charge for an already paid period'
                           else 'charge approved after the subscription ended' end,
             v_source, 'billing', 'refund of a charge that must not stand')
     returning id into v_refund;
-    perform billing.raise_alert(case v_source when 'duplicate_charge' then 'duplicate charge refunded'
+    perform billing.raise_alert(case v_source when 'wrong_amount' then 'charged amount differs from the period amount'
+                                              when 'duplicate_charge' then 'duplicate charge refunded'
                                               else 'late charge refunded' end,
                                 'payments', pay.id,
                                 pg_catalog.jsonb_build_object('attemptId', a.id, 'periodId', p.id,
-                                                              'refundId', v_refund, 'amount', pay.total_amount));
+                                                              'refundId', v_refund, 'amount', pay.total_amount,
+                                                              'expected', a.amount));
+    if v_wrong_amount then
+      -- The period is still unpaid: past_due (when active) and the bug alert, as for any bug.
+      v_after := billing.after_charge_failure(a.id);
+    end if;
   end if;
 
   -- A payment first seen already (partly) canceled brings its refunds along.
   v_sync := billing.sync_payment(pay.id, payment);
   return pg_catalog.jsonb_build_object('attemptId', a.id, 'paymentId', pay.id, 'applied', v_applied,
                                        'replay', false, 'attemptStatus', a.status, 'refundId', v_refund,
-                                       'sync', v_sync);
+                                       'wrongAmount', v_wrong_amount, 'next', v_after, 'sync', v_sync);
 end
 $$;
 revoke execute on function billing.apply_charge_success(uuid, jsonb) from public;
 comment on function billing.apply_charge_success(uuid, jsonb) is
   'Records an approved Toss payment for an attempt: pays the period, activates the subscription, grants '
   'credits and notifies; a second approval for a paid period (or one after the subscription ended) is '
-  'recorded unapplied and refunded in full. Idempotent per attempt. Owner only. '
+  'recorded unapplied and refunded in full, and so is one for another amount than the attempt''s, '
+  'which also fails the attempt as a bug (AMOUNT_MISMATCH) with an alert. Idempotent per attempt. Owner only. '
   'Raises SB404 (no attempt), SB400 (wrong order, not approved, malformed), SB409 (a different payment recorded).';
 
 -- ---------------------------------------------------------------------------------------------
@@ -978,7 +1008,10 @@ begin
          status_reason = 'card replaced'
    where su.id = s.id
   returning * into s;
-  if s.status in ('incomplete', 'past_due')
+  -- An unpaid current period is charged on the new card right away; for an active subscription that
+  -- is a renewal whose unsent attempt just went with the old card (leaving it would give the period
+  -- away and stall the subscription).
+  if s.status in ('incomplete', 'active', 'past_due')
      and exists (select 1 from billing.billing_periods bp where bp.id = s.current_period_id and bp.status = 'open')
      and not exists (select 1 from billing.charge_attempts ca
                       where ca.period_id = s.current_period_id and ca.status in ('queued', 'claimed', 'unknown')) then

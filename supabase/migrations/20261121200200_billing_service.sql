@@ -293,7 +293,12 @@ begin
   perform billing.check_claim_args(worker, batch, lease);
   return query
   with picked as (
-    select ca.id
+    select ca.id,
+           -- A queued attempt is charged only while its period still needs paying (a re-send can
+           -- outlive that, e.g. when another attempt's approval paid the period); otherwise it is
+           -- looked up: an earlier send may have charged, and one never sent is simply not found.
+           case when ca.status = 'queued' and billing.resend_allowed(ca.id) then 'charge'::billing.attempt_mode
+                else 'lookup' end as mode
       from billing.charge_attempts ca
      where ca.status in ('queued', 'unknown') and ca.not_before <= v_now
      order by ca.not_before, ca.id
@@ -302,12 +307,12 @@ begin
   ), claimed as (
     update billing.charge_attempts ca
        set status = 'claimed',
-           claim_mode = case when ca.status = 'unknown' then 'lookup'::billing.attempt_mode else 'charge' end,
-           status_reason = case when ca.status = 'unknown' then 'lookup by ' else 'charge by ' end || worker,
+           claim_mode = picked.mode,
+           status_reason = case when picked.mode = 'lookup' then 'lookup by ' else 'charge by ' end || worker,
            lease_owner = worker,
            lease_expires_at = v_now + lease,
-           sends = ca.sends + (ca.status = 'queued')::integer,
-           lookups = ca.lookups + (ca.status = 'unknown')::integer
+           sends = ca.sends + (picked.mode = 'charge')::integer,
+           lookups = ca.lookups + (picked.mode = 'lookup')::integer
       from picked
      where ca.id = picked.id
     returning ca.*
@@ -326,7 +331,8 @@ grant execute on function billing.service_claim_attempts(text, integer, interval
 comment on function billing.service_claim_attempts(text, integer, interval) is
   'Service: claims up to batch due attempts (FOR UPDATE SKIP LOCKED) under a lease and returns '
   'everything needed: mode ''charge'' (POST /v1/billing/{billingKey} with this orderId and '
-  'Idempotency-Key) or ''lookup'' (GET /v1/payments/orders/{orderId} for an unknown outcome). '
+  'Idempotency-Key) or ''lookup'' (GET /v1/payments/orders/{orderId} for an unknown outcome, or a '
+  're-send whose period no longer needs paying). '
   'billing_service only. Raises SB400 (worker 1–200 chars, batch 1–100, lease 10 s–1 h).';
 
 create function billing.service_record_charge_success(attempt_id uuid, payment jsonb)
@@ -349,7 +355,8 @@ comment on function billing.service_record_charge_success(uuid, jsonb) is
   'paid, activates the subscription, grants the period''s credits and queues ''renewed'' (or '
   '''activated''). Recording it again applies nothing twice. An approval for a period already paid '
   'by another attempt (or after the subscription ended) is stored unapplied, the attempt marked '
-  'duplicate, and a full refund is requested automatically with an operator alert. '
+  'duplicate, and a full refund is requested automatically with an operator alert; so is an approval '
+  'for another amount than the attempt''s, which also fails the attempt as a bug (AMOUNT_MISMATCH). '
   'billing_service only. Raises SB400 (malformed, other order, not approved), SB404 (unknown attempt), '
   'SB409 (a different payment already recorded).';
 
@@ -792,7 +799,19 @@ begin
       v_status := 'ignored';
       v_reason := 'secret does not match a stored payment';
     end if;
-  elsif v_type <> 'PAYMENT_STATUS_CHANGED' then
+  elsif v_type = 'PAYMENT_STATUS_CHANGED' then
+    -- Never applied as sent (the service re-fetches the payment), and one whose secret contradicts
+    -- the secret stored with that payment did not come from Toss. A payment not stored yet (its
+    -- charge answer was lost) is kept: the re-fetch decides.
+    if exists (select 1 from billing.payments p
+                where (p.payment_key = payload -> 'data' ->> 'paymentKey'
+                       or p.order_id = payload -> 'data' ->> 'orderId')
+                  and p.secret is not null
+                  and p.secret is distinct from payload -> 'data' ->> 'secret') then
+      v_status := 'ignored';
+      v_reason := 'secret does not match the stored payment';
+    end if;
+  else
     v_status := 'ignored';
     v_reason := 'event type not handled';
   end if;
@@ -818,7 +837,8 @@ comment on function billing.service_ingest_webhook(text, text, jsonb, jsonb) is
   'Service: stores a Toss webhook before anything else (answer 200 after this). A repeated '
   'transmission id returns the stored row with duplicate = true. BILLING_DELETED keeps only the '
   'billing key''s sha256; DEPOSIT_CALLBACK (flat body) is ignored unless its secret matches a stored '
-  'payment; unknown event types are stored as ignored. billing_service only. Raises SB400 (bad input).';
+  'payment; PAYMENT_STATUS_CHANGED is ignored when its data.secret differs from the stored payment''s; '
+  'unknown event types are stored as ignored. billing_service only. Raises SB400 (bad input).';
 
 create function billing.service_claim_webhooks(worker text, batch integer default 10,
                                                lease interval default interval '2 minutes')
@@ -958,6 +978,15 @@ begin
     update billing.subscriptions su
        set awaiting_card = true, status_reason = 'billing key deleted at Toss'
      where su.id = s.id;
+    -- An active subscription whose renewal was waiting on this key has nothing left to pay its
+    -- period with: past_due with grace, as when a renewal finds no usable card (billing.tick).
+    -- A charge already sent on the key settles it instead.
+    if s.status = 'active'
+       and exists (select 1 from billing.billing_periods bp where bp.id = s.current_period_id and bp.status = 'open')
+       and not exists (select 1 from billing.charge_attempts ca
+                        where ca.period_id = s.current_period_id and ca.status in ('queued', 'claimed', 'unknown')) then
+      perform billing.mark_past_due(s.id, 'billing key deleted at Toss', awaiting_card => true);
+    end if;
     perform billing.notify_subscriber('card_needed', s.id,
       pg_catalog.jsonb_build_object('reason', 'billing key deleted', 'paymentMethodId', pm.id));
   end if;
@@ -970,7 +999,8 @@ grant execute on function billing.service_mark_payment_method_deleted(text, text
 comment on function billing.service_mark_payment_method_deleted(text, text) is
   'Service: a BILLING_DELETED webhook named this billing key (by sha256): the payment method is '
   'deleted, its pending deletion is done, unsent attempts on it are withdrawn and a live '
-  'subscription using it waits for a new card (card_needed). Unknown keys are a no-op. Idempotent. '
+  'subscription using it waits for a new card (card_needed; past_due when its current period is '
+  'unpaid and nothing is in flight). Unknown keys are a no-op. Idempotent. '
   'billing_service only. Raises SB400 (bad sha256 or reason).';
 
 -- ---------------------------------------------------------------------------------------------

@@ -121,9 +121,17 @@ begin
   if not found then
     raise exception 'plan % not found', plan using errcode = 'SB404';
   end if;
-  -- Periods already created keep their amount; a price cannot reach back in time.
+  -- Periods already created keep their amount; a price cannot reach back in time: not into the
+  -- past, and not over a period that exists already (one starting now, or later than a test clock
+  -- that was moved back), whose amount would then differ from the price at its start.
   if effective_from < billing.now() then
     raise exception 'effective_from % is in the past', effective_from using errcode = 'SB422';
+  end if;
+  if exists (select 1 from billing.billing_periods bp
+               join billing.subscriptions su on su.id = bp.subscription_id
+              where su.plan_id = v_plan.id and bp.starts_at >= change_plan_price.effective_from) then
+    raise exception 'plan % has periods starting at or after %; their amounts are fixed', plan, effective_from
+      using errcode = 'SB422';
   end if;
   if exists (select 1 from billing.plan_prices pp
               where pp.plan_id = v_plan.id and pp.effective_from = change_plan_price.effective_from) then
@@ -141,7 +149,8 @@ revoke execute on function billing.change_plan_price(text, bigint, timestamptz) 
 comment on function billing.change_plan_price(text, bigint, timestamptz) is
   'Operator: adds a price version for a plan; periods starting on or after effective_from are '
   'charged the new amount. Owner (postgres) only. Raises SB400 (amount outside 100–100,000,000, '
-  'bad time), SB404 (unknown plan), SB409 (a version at that instant exists), SB422 (in the past).';
+  'bad time), SB404 (unknown plan), SB409 (a version at that instant exists), SB422 (in the past, '
+  'or not after the start of an existing period of the plan).';
 
 create function billing.cancel_subscription_now(subscription_id uuid, prorate_refund boolean default false,
                                                 reason text default 'canceled by support')

@@ -130,9 +130,15 @@ begin
   v_key_leases := billing.expire_leases('billing.key_deletions', 'claimed', 'requested', v_limit);
 
   -- Active subscriptions whose period has ended: end them (cancel at period end) or renew them.
+  -- A period whose renewal charge is still pending is never renewed past: that would leave it open
+  -- behind the next one and charge the next month before this one is settled (after a long outage,
+  -- or a test clock moved by months, periods are caught up one at a time).
   for v_id in
     select su.id from billing.subscriptions su
      where su.status = 'active' and su.current_period_ends_at <= v_now
+       and (su.cancel_at_period_end
+            or not exists (select 1 from billing.billing_periods bp
+                            where bp.id = su.current_period_id and bp.status = 'open'))
      order by su.current_period_ends_at
      limit v_limit
        for update skip locked
@@ -221,8 +227,9 @@ $$;
 revoke execute on function billing.tick() from public;
 comment on function billing.tick() is
   'Scheduler (pg_cron, every minute): expires stale registrations, re-queues expired leases, ends '
-  'subscriptions canceled at period end, renews due ones (new period + attempt), ends unpaid ones '
-  'whose grace is over, expires credits, then rings the service only if claimable work exists. '
+  'subscriptions canceled at period end, renews due ones whose period is paid (new period + '
+  'attempt), ends unpaid ones whose grace is over, expires credits, then rings the service only if '
+  'claimable work exists. '
   'Each step walks a partial index on its due time and is bounded, so an idle tick is cheap. '
   'Returns a summary. Owner (postgres, the cron job''s user) only. Raises nothing of its own.';
 

@@ -27,6 +27,48 @@ from service.runtime.cluster import Runtime
 SEOUL = ZoneInfo("Asia/Seoul")
 Row = dict[str, Any]
 
+# Tables whose rows have a status; each transition is copied into billing.events.
+STATEFUL = (
+    "card_registrations",
+    "payment_methods",
+    "subscriptions",
+    "billing_periods",
+    "charge_attempts",
+    "payments",
+    "refunds",
+    "credit_grants",
+    "webhook_events",
+    "key_deletions",
+)
+
+# Per row of a stateful table: one creation event, a chain of transitions each starting where the
+# previous one ended, ending in the current status. Customers (no status): one creation event.
+_AUDIT_TABLE = """
+  select '{t}' as entity_type, t.id::text as id from billing.{t} t
+   where (select count(*) from billing.events e
+           where e.entity_id = t.id and e.entity_type = '{t}' and e.action = 'created') <> 1
+      or exists (select 1 from (
+                   select e.action, e.old_status,
+                          lag(e.new_status) over (order by e.id) as prev
+                     from billing.events e
+                    where e.entity_id = t.id and e.entity_type = '{t}'
+                      and e.action in ('created', 'status_changed')) ev
+                  where ev.action = 'status_changed' and ev.old_status is distinct from ev.prev)
+      or (select e.new_status from billing.events e
+           where e.entity_id = t.id and e.entity_type = '{t}'
+             and e.action in ('created', 'status_changed')
+           order by e.id desc limit 1) is distinct from t.status::text"""
+AUDIT_GAPS = "\nunion all".join(
+    [_AUDIT_TABLE.format(t=t) for t in STATEFUL]
+    + [
+        """
+  select 'customers', c.id::text from billing.customers c
+   where (select count(*) from billing.events e
+           where e.entity_id = c.id and e.entity_type = 'customers'
+             and e.action = 'created') <> 1"""
+    ]
+)
+
 
 def kst(*args: int) -> datetime:
     """A wall-clock time in Asia/Seoul."""
@@ -111,6 +153,10 @@ class Billing:
 
     def tick(self) -> dict[str, Any]:
         return self.billing("tick")  # type: ignore[no-any-return]
+
+    def audit_gaps(self) -> list[Row]:
+        """Rows whose state changes are not all in the audit log (should be none)."""
+        return self.all(AUDIT_GAPS)
 
     # --- service ----------------------------------------------------------------------------
     def service(self, fn: str, *args: Any, **kwargs: Any) -> Any:

@@ -1,7 +1,7 @@
 -- Refunds (operator request, service claim and result), the webhook inbox, billing-key deletion
 -- at Toss and the notification outbox, with their SQLSTATEs.
 begin;
-select plan(71);
+select plan(73);
 
 -- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
@@ -140,6 +140,17 @@ select is(tests.svc('select to_jsonb(w) from billing.service_ingest_webhook(%L, 
   (select jsonb_build_object('createdAt', 'x', 'secret', secret, 'status', 'DONE', 'transactionKey', 't',
                              'orderId', order_id)::text from billing.payments where id = :'pay_b')) ->> 'status',
   'received', 'one with the stored secret is kept for processing');
+select is(tests.svc('select to_jsonb(w) from billing.service_ingest_webhook(%L, %L, %L) w', 'whtrans_5f',
+  'PAYMENT_STATUS_CHANGED',
+  (select jsonb_build_object('eventType', 'PAYMENT_STATUS_CHANGED',
+                             'data', raw || '{"status": "CANCELED", "balanceAmount": 0, "secret": "ps_forged"}')::text
+     from billing.payments where id = :'pay_b')) ->> 'status',
+  'ignored', 'a PAYMENT_STATUS_CHANGED whose secret differs from the stored payment''s is ignored');
+select is(tests.svc('select to_jsonb(w) from billing.service_ingest_webhook(%L, %L, %L) w', 'whtrans_5g',
+  'PAYMENT_STATUS_CHANGED',
+  (select jsonb_build_object('eventType', 'PAYMENT_STATUS_CHANGED', 'data', raw - 'secret')::text
+     from billing.payments where id = :'pay_b')) ->> 'status',
+  'ignored', 'and so is one without the secret');
 select throws_ok($$ select tests.svc($q$ select to_jsonb(w) from billing.service_ingest_webhook('whtrans_6', 'X', '[]') w $q$) $$,
   'SB400', null, 'a payload that is not an object: SB400');
 select throws_ok($$ select tests.svc($q$ select to_jsonb(w) from billing.service_ingest_webhook('', 'X', '{}') w $q$) $$,

@@ -2,7 +2,7 @@
 -- period end, grace, credit expiry, lease expiry, price versions, immediate cancel with a prorated
 -- refund, manual retries and dunning configuration.
 begin;
-select plan(54);
+select plan(55);
 
 -- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
@@ -87,6 +87,10 @@ select throws_ok($$ select billing.change_plan_price('pro', 12900, '2028-01-01')
 select isnt(billing.change_plan_price('pro', 12900, '2028-02-10 10:00+09'), null, 'a new price version');
 select throws_ok($$ select billing.change_plan_price('pro', 13900, '2028-02-10 10:00+09') $$, 'SB409', null,
   'two versions at the same instant: SB409');
+select billing.set_test_clock('2028-01-09 10:00+09') is not null as _ \gset
+select throws_ok($$ select billing.change_plan_price('pro', 13900, '2028-01-09 12:00+09') $$, 'SB422', null,
+  'a clock moved back cannot put a price under periods that exist already: SB422');
+select billing.set_test_clock('2028-01-20 10:00+09') is not null as _ \gset
 select results_eq($$ select amount, effective_from from billing.plan_prices pp join billing.plans p on p.id = pp.plan_id
                       where p.code = 'pro' order by effective_from $$,
   $$ values (9900::bigint, '2000-01-01 00:00+09'::timestamptz), (12900, '2028-02-10 10:00+09') $$,

@@ -1,0 +1,677 @@
+"""The billing core read against the architecture's invariants (§3) and lifecycle (§4), one
+targeted scenario per rule: amounts only from the price tables, unknown outcomes never charged
+under a new orderId, billing keys deleted when a subscription ends for good, webhooks verified and
+convergent, subscribers, the service and the analyst confined to what they may reach, and test
+clock moves that never charge twice."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from dbkit import Billing, FakeToss, Row, kst, raises_sqlstate, sha256_hex
+
+START = kst(2028, 1, 10, 10, 0)
+ALERT = "select payload ->> 'topic' as topic from billing.notifications where kind = 'alert'"
+
+
+def alerts(bl: Billing) -> list[str]:
+    return [r["topic"] for r in bl.all(ALERT + " order by id")]
+
+
+def claim_one(bl: Billing, mode: str = "charge") -> Row:
+    rows = bl.claim()
+    assert len(rows) == 1, rows
+    assert rows[0]["mode"] == mode, rows[0]
+    return rows[0]
+
+
+def pay(bl: Billing, toss: FakeToss, row: Row) -> dict[str, Any]:
+    payment = toss.approve(row["order_id"], row["amount"], row["order_name"])
+    result = bl.service("service_record_charge_success", row["attempt_id"], payment)
+    assert result["applied"] is True, result
+    return payment
+
+
+def subscribed(bl: Billing, toss: FakeToss, user: str) -> dict[str, Any]:
+    """A subscriber whose first period is paid."""
+    done = bl.register(user)
+    pay(bl, toss, claim_one(bl))
+    return done
+
+
+def sub_row(bl: Billing, subscription_id: Any) -> Row:
+    return bl.one("select * from billing.subscriptions where id = %s", (subscription_id,))
+
+
+def periods(bl: Billing, subscription_id: Any) -> list[tuple[int, str]]:
+    return [
+        (r["period_index"], r["status"])
+        for r in bl.all(
+            "select period_index, status::text from billing.billing_periods"
+            " where subscription_id = %s order by period_index",
+            (subscription_id,),
+        )
+    ]
+
+
+def renew(bl: Billing, done: dict[str, Any]) -> Row:
+    """Moves the clock to the end of the current period and ticks: the renewal attempt is queued."""
+    bl.set_clock(sub_row(bl, done["subscriptionId"])["current_period_ends_at"])
+    assert bl.tick()["renewals"] == 1
+    return bl.one(
+        "select * from billing.charge_attempts where subscription_id = %s and status = 'queued'",
+        (done["subscriptionId"],),
+    )
+
+
+# --- §3.3 amounts come from the price tables, never from a request body ---------------------------
+
+
+@pytest.mark.parametrize("path", ["charge_result", "lookup"])
+def test_a_payment_of_another_amount_never_pays_the_period(
+    bl: Billing, toss: FakeToss, path: str
+) -> None:
+    bl.enable_clock(START)
+    done = bl.register("u")
+    row = claim_one(bl)
+    wrong = toss.approve(row["order_id"], row["amount"] * 10, row["order_name"])
+    if path == "charge_result":
+        result = bl.service("service_record_charge_success", row["attempt_id"], wrong)
+    else:
+        bl.service("service_record_charge_unknown", row["attempt_id"], "read timeout")
+        result = bl.service("service_apply_payment_snapshot", wrong)
+    assert (result["applied"], result["attemptStatus"]) == (False, "failed")
+
+    attempt = bl.one(
+        "select status::text, classification::text, error_code from billing.charge_attempts"
+        " where id = %s",
+        (row["attempt_id"],),
+    )
+    assert attempt == {"status": "failed", "classification": "bug", "error_code": "AMOUNT_MISMATCH"}
+    assert periods(bl, done["subscriptionId"]) == [(1, "open")]
+    assert sub_row(bl, done["subscriptionId"])["status"] == "incomplete"
+    assert bl.scalar("select count(*) from billing.credit_grants") == 0
+    # Kept in the ledger (Toss holds the money), unapplied, refunded in full, operators alerted.
+    payment = bl.one("select applied, total_amount from billing.payments")
+    assert payment == {"applied": False, "total_amount": 99000}
+    refund = bl.one("select amount, source::text, status::text from billing.refunds")
+    assert refund == {"amount": 99000, "source": "wrong_amount", "status": "requested"}
+    assert "charged amount differs from the period amount" in alerts(bl)
+    # Delivered again: nothing more.
+    again = bl.service("service_apply_payment_snapshot", wrong)
+    assert again["replay"] is True
+    assert bl.scalar("select count(*) from billing.refunds") == 1
+
+
+def test_a_renewal_charged_at_another_amount_makes_the_subscription_past_due(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    row = claim_one(bl)
+    wrong = toss.approve(row["order_id"], row["amount"] - 1, row["order_name"])
+    result = bl.service("service_record_charge_success", row["attempt_id"], wrong)
+    assert result["applied"] is False
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "open")]
+    assert sub_row(bl, done["subscriptionId"])["status"] == "past_due"
+
+
+def test_a_payment_of_another_order_is_refused_and_changes_nothing(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    bl.register("u")
+    row = claim_one(bl)
+    other = toss.approve("ord_someone_else", row["amount"])
+    events = bl.scalar("select count(*) from billing.events")
+    with raises_sqlstate("SB400"):
+        bl.service("service_record_charge_success", row["attempt_id"], other)
+    assert bl.scalar("select count(*) from billing.events") == events
+    assert bl.scalar("select count(*) from billing.payments") == 0
+    assert bl.scalar(
+        "select status::text from billing.charge_attempts where id = %s", (row["attempt_id"],)
+    ) == ("claimed")
+
+
+def test_a_price_never_reaches_back_over_existing_periods(bl: Billing, toss: FakeToss) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    # A period starts right now: a price from now on would contradict its amount.
+    with raises_sqlstate("SB422"):
+        bl.billing("change_plan_price", "pro", 12900, START)
+    # The test clock moved back: "the future" may lie before periods that already exist.
+    bl.set_clock(START - timedelta(days=5))
+    with raises_sqlstate("SB422"):
+        bl.billing("change_plan_price", "pro", 12900, START - timedelta(days=1))
+    bl.set_clock(START + timedelta(days=1))
+    bl.billing("change_plan_price", "pro", 12900, START + timedelta(days=2))
+    renew(bl, done)
+    assert bl.all(
+        """select bp.period_index, bp.amount, (billing.price_at(s.plan_id, bp.starts_at)).amount
+                  as price
+             from billing.billing_periods bp join billing.subscriptions s
+               on s.id = bp.subscription_id order by 1"""
+    ) == [
+        {"period_index": 1, "amount": 9900, "price": 9900},
+        {"period_index": 2, "amount": 12900, "price": 12900},
+    ]
+
+
+# --- §3.1 no period charged twice -----------------------------------------------------------------
+
+
+def test_a_pending_renewal_is_never_renewed_past(bl: Billing, toss: FakeToss) -> None:
+    """A clock jump of months with ticks before the service answers renews one period at a time."""
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    bl.set_clock(kst(2028, 4, 10, 10, 1))
+    for _ in range(3):
+        bl.tick()
+        bl.advance(timedelta(minutes=1))
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "open")]
+    # Settling each month in turn catches up, one charge per period.
+    for _ in range(3):
+        pay(bl, toss, claim_one(bl))
+        bl.tick()
+    assert periods(bl, done["subscriptionId"]) == [(i, "paid") for i in (1, 2, 3, 4)]
+    assert bl.claim() == []
+    assert bl.scalar("select count(*) from billing.refunds") == 0
+    assert len(toss.payments) == 4
+
+
+def test_a_new_card_during_a_pending_renewal_charges_the_renewal(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    again = bl.register("u")
+    assert again["subscriptionId"] == done["subscriptionId"]
+    assert again["attemptId"] is not None, "the unsent renewal went with the old card"
+    row = claim_one(bl)
+    assert str(row["attempt_id"]) == again["attemptId"]
+    assert row["billing_key_ciphertext"] == b"ciphertext:" + again["billingKey"].encode()
+    pay(bl, toss, row)
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "paid")]
+    assert sub_row(bl, done["subscriptionId"])["status"] == "active"
+
+
+def test_a_key_deleted_during_a_pending_renewal_ends_in_dunning(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    bl.service("service_mark_payment_method_deleted", sha256_hex(done["billingKey"]), "카드사 요청")
+    s = sub_row(bl, done["subscriptionId"])
+    assert (s["status"], s["awaiting_card"]) == ("past_due", True)
+    assert s["grace_ends_at"] is not None
+    bl.set_clock(s["grace_ends_at"])
+    assert bl.tick()["endedAfterGrace"] == 1
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "unpaid")]
+    assert sub_row(bl, done["subscriptionId"])["status"] == "canceled"
+
+
+def test_a_resend_for_a_period_paid_meanwhile_is_looked_up_not_charged(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    first = claim_one(bl)
+    # Toss approved it but the answer said declined; dunning queues a retry for tomorrow.
+    charged = toss.approve(first["order_id"], first["amount"], first["order_name"])
+    bl.service(
+        "service_record_charge_failure", first["attempt_id"], "REJECT_CARD_PAYMENT", "x", "decline"
+    )
+    bl.advance(timedelta(days=1))
+    retry = claim_one(bl)
+    bl.service(
+        "service_record_charge_failure",
+        retry["attempt_id"],
+        "FAILED_INTERNAL_SYSTEM_PROCESSING",
+        "x",
+        "transient",
+    )
+    # Reconciliation finds the first approval: the period is paid.
+    assert bl.service("service_apply_payment_snapshot", charged)["applied"] is True
+    bl.advance(timedelta(minutes=5))
+    row = claim_one(bl, mode="lookup")
+    assert row["attempt_id"] == retry["attempt_id"]
+    assert bl.service("service_record_lookup_not_found", row["attempt_id"])["status"] == "canceled"
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "paid")]
+
+
+def test_two_late_approvals_of_one_ended_period_are_both_recorded_and_refunded(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    bl.register("u")
+    first = claim_one(bl)
+    # Approved at Toss, reported declined (a card company hiccup).
+    approved_first = toss.approve(first["order_id"], first["amount"])
+    bl.service(
+        "service_record_charge_failure", first["attempt_id"], "REJECT_CARD_PAYMENT", "x", "decline"
+    )
+    bl.register("u")  # a new card: charged at once
+    second = claim_one(bl)
+    toss.approve(second["order_id"], second["amount"])
+    bl.service("service_record_charge_unknown", second["attempt_id"], "read timeout")
+    bl.api("u", "cancel_subscription")  # incomplete: ends now, the period void
+    bl.advance(timedelta(minutes=5))
+    lookup = claim_one(bl, mode="lookup")
+    late = bl.service("service_apply_payment_snapshot", toss.payments[lookup["order_id"]])
+    assert late["applied"] is False
+    # Reconciliation finds the first approval too.
+    again = bl.service("service_apply_payment_snapshot", approved_first)
+    assert again["applied"] is False
+    assert again["attemptStatus"] == "duplicate"
+    assert bl.all(
+        "select amount, source::text from billing.refunds order by created_at, amount"
+    ) == [{"amount": 9900, "source": "late_charge"}, {"amount": 9900, "source": "late_charge"}]
+    assert bl.scalar("select count(*) from billing.payments where not applied") == 2
+
+
+# --- §2 an unknown outcome is resolved by a lookup, never by a new orderId ------------------------
+
+
+def test_an_unknown_outcome_is_never_charged_under_a_new_order_id(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    attempt = renew(bl, done)
+    row = claim_one(bl)
+    bl.service("service_record_charge_unknown", row["attempt_id"], "read timeout")
+
+    def orders() -> set[str]:
+        return {
+            r["order_id"]
+            for r in bl.all(
+                "select order_id from billing.charge_attempts where period_id = %s",
+                (attempt["period_id"],),
+            )
+        }
+
+    # Nothing any caller does while it is unknown creates another orderId for the period.
+    with raises_sqlstate("SB409"):
+        bl.billing("retry_subscription_charge", done["subscriptionId"], "try again")
+    bl.register("u")  # a new card
+    for _ in range(3):
+        bl.advance(timedelta(days=4))
+        bl.tick()
+    assert orders() == {row["order_id"]}
+    assert sub_row(bl, done["subscriptionId"])["status"] == "active"
+    # Lookups that fail keep it unknown; "not found" re-sends the very same order.
+    lookup = claim_one(bl, mode="lookup")
+    bl.service(
+        "service_record_charge_failure", lookup["attempt_id"], "COMMON_ERROR", "", "transient"
+    )
+    bl.advance(timedelta(hours=1))
+    lookup = claim_one(bl, mode="lookup")
+    bl.service("service_record_lookup_not_found", lookup["attempt_id"])
+    resend = claim_one(bl)
+    assert (resend["order_id"], resend["idempotency_key"]) == (
+        row["order_id"],
+        row["idempotency_key"],
+    )
+    assert orders() == {row["order_id"]}
+
+
+# --- §4 billing keys are deleted at Toss when a subscription ends for good ------------------------
+
+
+def _end_at_period_end(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> None:
+    bl.api("u", "cancel_subscription")
+    bl.set_clock(sub_row(bl, done["subscriptionId"])["current_period_ends_at"])
+    bl.tick()
+
+
+def _end_now(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> None:
+    bl.billing("cancel_subscription_now", done["subscriptionId"], True, "support")
+
+
+def _end_when_past_due(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> None:
+    renew(bl, done)
+    row = claim_one(bl)
+    bl.service(
+        "service_record_charge_failure", row["attempt_id"], "REJECT_CARD_PAYMENT", "", "decline"
+    )
+    bl.api("u", "cancel_subscription")
+
+
+def _end_after_dunning(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> None:
+    renew(bl, done)
+    for _ in range(5):
+        for row in bl.claim():
+            bl.service(
+                "service_record_charge_failure",
+                row["attempt_id"],
+                "REJECT_CARD_PAYMENT",
+                "",
+                "decline",
+            )
+        bl.advance(timedelta(days=2))
+        bl.tick()
+
+
+def _end_after_dead_card(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> None:
+    renew(bl, done)
+    row = claim_one(bl)
+    bl.service(
+        "service_record_charge_failure",
+        row["attempt_id"],
+        "INVALID_STOPPED_CARD",
+        "",
+        "needs_new_card",
+    )
+    bl.advance(timedelta(days=8))
+    bl.tick()
+
+
+@pytest.mark.parametrize(
+    "end",
+    [_end_at_period_end, _end_now, _end_when_past_due, _end_after_dunning, _end_after_dead_card],
+    ids=["period_end", "immediate", "api_past_due", "dunning_exhausted", "dead_card_grace"],
+)
+def test_a_subscription_that_ends_queues_its_billing_key_for_deletion(
+    bl: Billing, toss: FakeToss, end: Any
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    end(bl, toss, done)
+    assert sub_row(bl, done["subscriptionId"])["status"] in ("canceled", "unpaid")
+    rows = bl.service_rows("service_claim_key_deletions", "w", 10)
+    assert [r["payment_method_id"] for r in rows] == [uuid.UUID(done["paymentMethodId"])]
+    assert bytes(rows[0]["billing_key_ciphertext"]) == b"ciphertext:" + done["billingKey"].encode()
+
+
+def test_an_incomplete_subscription_that_never_paid_queues_its_key_for_deletion(
+    bl: Billing,
+) -> None:
+    bl.enable_clock(START)
+    done = bl.register("u")
+    row = claim_one(bl)
+    bl.service(
+        "service_record_charge_failure", row["attempt_id"], "REJECT_CARD_PAYMENT", "", "decline"
+    )
+    bl.advance(timedelta(days=1))
+    assert bl.tick()["endedAfterGrace"] == 1
+    rows = bl.service_rows("service_claim_key_deletions", "w", 10)
+    assert [str(r["payment_method_id"]) for r in rows] == [done["paymentMethodId"]]
+
+
+# --- §4 webhooks ----------------------------------------------------------------------------------
+
+
+def ingest(bl: Billing, tid: str, event_type: str | None, body: dict[str, Any]) -> Row:
+    [row] = bl.service_rows("service_ingest_webhook", tid, event_type, body, {})
+    return row
+
+
+def psc(payment: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "eventType": "PAYMENT_STATUS_CHANGED",
+        "createdAt": "2028-01-10T10:00:00.000000",
+        "data": payment,
+    }
+
+
+def test_a_payment_status_change_whose_secret_contradicts_the_stored_one_is_refused(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    bl.register("u")
+    payment = pay(bl, toss, claim_one(bl))
+    forged = dict(payment, status="CANCELED", balanceAmount=0, secret="ps_forged")
+    assert ingest(bl, "wh_1", "PAYMENT_STATUS_CHANGED", psc(forged))["status"] == "ignored"
+    no_secret = {k: v for k, v in forged.items() if k != "secret"}
+    assert ingest(bl, "wh_2", "PAYMENT_STATUS_CHANGED", psc(no_secret))["status"] == "ignored"
+    genuine = dict(payment, status="CANCELED", balanceAmount=0)
+    assert ingest(bl, "wh_3", "PAYMENT_STATUS_CHANGED", psc(genuine))["status"] == "received"
+    # A payment not in the ledger yet (its charge answer was lost) is kept, to be re-fetched.
+    unseen = toss.approve("ord_unseen_000", 9900)
+    assert ingest(bl, "wh_4", "PAYMENT_STATUS_CHANGED", psc(unseen))["status"] == "received"
+    # Only the genuine and the unseen ones are handed out for processing.
+    claimed = bl.service_rows("service_claim_webhooks", "w", 10)
+    assert sorted(r["transmission_id"] for r in claimed) == ["wh_3", "wh_4"]
+
+
+def test_a_deposit_callback_is_checked_against_the_stored_secret(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    bl.register("u")
+    payment = pay(bl, toss, claim_one(bl))
+    flat = {
+        "createdAt": "2028-01-10T10:00:00.000",
+        "status": "DONE",
+        "transactionKey": "t",
+        "orderId": payment["orderId"],
+    }
+    assert ingest(bl, "wh_1", None, dict(flat, secret="ps_forged"))["status"] == "ignored"
+    good = ingest(bl, "wh_2", None, dict(flat, secret=payment["secret"]))
+    assert (good["status"], good["resolved_event_type"]) == ("received", "DEPOSIT_CALLBACK")
+
+
+def test_unknown_event_types_are_stored_and_ignored_once(bl: Billing) -> None:
+    body = {"eventType": "METHOD_UPDATED", "createdAt": "x", "data": {"status": "ENABLED"}}
+    first = ingest(bl, "wh_1", "METHOD_UPDATED", body)
+    again = ingest(bl, "wh_1", "METHOD_UPDATED", body)
+    assert (first["status"], first["duplicate"]) == ("ignored", False)
+    assert (again["status"], again["duplicate"], again["webhook_event_id"]) == (
+        "ignored",
+        True,
+        first["webhook_event_id"],
+    )
+    assert bl.one("select payload, event_type from billing.webhook_events") == {
+        "payload": body,
+        "event_type": "METHOD_UPDATED",
+    }
+    assert bl.service_rows("service_claim_webhooks", "w", 10) == []
+
+
+def test_payment_snapshots_converge_in_any_order_and_under_duplicates(
+    bl: Billing, toss: FakeToss
+) -> None:
+    """Six payments, each partly then fully refunded at Toss; each gets the three snapshots in
+    another order (each delivered twice): all end in the same state as Toss."""
+    bl.enable_clock(START)
+    histories = []
+    for i in range(6):
+        bl.register(f"u{i}")
+        payment = pay(bl, toss, claim_one(bl))
+        key = payment["paymentKey"]
+        snaps = [toss.snapshot(key)]
+        snaps.append(toss.cancel(key, 3000, "partial", f"idem-{i}-1"))
+        snaps.append(toss.cancel(key, 6900, "the rest", f"idem-{i}-2"))
+        histories.append(snaps)
+    for snaps, order in zip(histories, itertools.permutations(range(3)), strict=True):
+        for i in order:
+            for _ in range(2):
+                bl.service("service_apply_payment_snapshot", snaps[i])
+    state = bl.all(
+        """select p.status, p.balance_amount, g.status::text as credits,
+                  (select array_agg(r.amount order by r.amount) from billing.refunds r
+                    where r.payment_id = p.id and r.status = 'succeeded') as refunds
+             from billing.payments p join billing.credit_grants g on g.payment_id = p.id"""
+    )
+    assert (
+        state
+        == [
+            {
+                "status": "PARTIAL_CANCELED",
+                "balance_amount": 0,
+                "credits": "revoked",
+                "refunds": [3000, 6900],
+            }
+        ]
+        * 6
+    )
+
+
+# --- §3.7 who may reach what ----------------------------------------------------------------------
+
+API_CALLS: list[tuple[str, tuple[Any, ...]]] = [
+    ("my_subscription", ()),
+    ("my_payments", ()),
+    ("my_credits", ()),
+    ("consume_credit", ("saju test",)),
+    ("cancel_subscription", ()),
+    ("resume_subscription", ()),
+    ("begin_registration", ("pro",)),
+]
+
+
+def owned_state(bl: Billing, user: str) -> list[Row]:
+    """Everything billing keeps about one user, to compare before and after."""
+    out: list[Row] = []
+    for table in (
+        "customers",
+        "card_registrations",
+        "payment_methods",
+        "subscriptions",
+        "billing_periods",
+        "charge_attempts",
+        "payments",
+        "refunds",
+        "credit_grants",
+        "credit_entries",
+        "notifications",
+    ):
+        out += bl.all(
+            f"select '{table}' as t, to_jsonb(x) as row from billing.{table} x"  # noqa: S608
+            " where user_id = %s order by 2::text",
+            (user,),
+        )
+    return out
+
+
+def test_a_subscriber_never_sees_or_changes_another_subscribers_rows(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    a = subscribed(bl, toss, "alice")
+    b = subscribed(bl, toss, "bob")
+    alice_before = owned_state(bl, "alice")
+    ids_of_alice = {
+        str(r["row"][k])
+        for r in alice_before
+        for k in ("id", "order_id", "payment_key", "customer_key", "idempotency_key")
+        if len(str(r["row"].get(k))) >= 20
+    }
+    assert a["subscriptionId"] in ids_of_alice
+    # Bob does everything a subscriber can (each call succeeds on his own rows).
+    for fn, args in API_CALLS:
+        result = bl.api("bob", fn, *args)
+        text = json.dumps(result, default=str)
+        assert not any(i in text for i in ids_of_alice), (fn, result)
+    assert owned_state(bl, "alice") == alice_before
+    assert bl.api("bob", "my_subscription")["subscriptionId"] == b["subscriptionId"]
+    # A JWT for someone else's sub is that someone else; claims beside sub change nothing.
+    spoof = bl.api("bob", "my_subscription", claims={"user_id": "alice", "email": "alice@x"})
+    assert spoof["subscriptionId"] == b["subscriptionId"]
+
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def refused_as(conn: Conn, role: str, statement: str) -> None:
+    """``statement`` run as ``role`` fails for lack of privilege (42501) and changes nothing."""
+    with conn.transaction(force_rollback=True):
+        conn.execute(f"set local role {role}")
+        with raises_sqlstate("42501"), conn.transaction():
+            conn.execute(statement)
+
+
+@pytest.mark.parametrize("role", ["authenticated", "anon", "billing_service", "analyst"])
+def test_no_role_but_the_owner_touches_billing_tables(
+    bl: Billing, admin_conn: Conn, role: str
+) -> None:
+    bl.register("u")
+    statements = [
+        "select * from billing.subscriptions",
+        "update billing.charge_attempts set amount = 1",
+        "insert into billing.refunds (payment_id, amount, reason, source, requested_by)"
+        " values (gen_random_uuid(), 1, 'x', 'operator', 'x')",
+        "delete from billing.events",
+        "select billing.tick()",
+        "select billing.request_refund(gen_random_uuid(), 1, 'x')",
+        "select billing.set_test_clock(now())",
+    ]
+    if role != "authenticated":
+        statements.append("select api.my_subscription()")
+    if role != "billing_service":
+        statements.append("select * from billing.service_claim_attempts('w')")
+    for statement in statements:
+        refused_as(admin_conn, role, statement)
+    assert bl.scalar("select count(*) from billing.charge_attempts where amount = 1") == 0
+
+
+def test_the_analyst_reads_analytics_only(bl: Billing, toss: FakeToss, admin_conn: Conn) -> None:
+    bl.enable_clock(START)
+    subscribed(bl, toss, "u")
+    with admin_conn.transaction(force_rollback=True):
+        admin_conn.execute("set local role analyst")
+        rows = admin_conn.execute("select * from analytics.subscription_counts").fetchall()
+        assert rows == [("pro", "active", 1)]
+    for role in ("authenticated", "anon", "billing_service"):
+        refused_as(admin_conn, role, "select * from analytics.subscription_counts")
+
+
+def test_a_customer_key_is_the_callers_own_and_expires(bl: Billing) -> None:
+    bl.enable_clock(START)
+    reg = bl.api("alice", "begin_registration", "pro", claims={"user_id": "bob"})
+    row = bl.one("select user_id, expires_at, customer_key from billing.card_registrations")
+    assert row["user_id"] == "alice"
+    assert row["customer_key"] == reg["customerKey"]
+    assert row["customer_key"] not in ("alice", "alice@example.com")
+    assert row["expires_at"] == START + timedelta(hours=1)
+    with raises_sqlstate("SB401"):
+        bl.api(None, "begin_registration", "pro")
+    bl.set_clock(START + timedelta(hours=1))
+    with raises_sqlstate("SB409"):
+        bl.service(
+            "service_complete_registration", reg["customerKey"], b"ct", "k1", sha256_hex("bk"), None
+        )
+    assert bl.scalar("select count(*) from billing.subscriptions") == 0
+
+
+# --- §3.6 every state change is in the audit log --------------------------------------------------
+
+
+def test_customers_are_audited(bl: Billing) -> None:
+    bl.api("u", "begin_registration", "pro")
+    customer = bl.one("select id from billing.customers")
+    assert bl.all(
+        "select actor_role, actor_sub, action from billing.events where entity_id = %s",
+        (customer["id"],),
+    ) == [{"actor_role": "authenticated", "actor_sub": "u", "action": "created"}]
+
+
+# --- §4 time travel: moving the test clock never charges twice ------------------------------------
+
+
+def test_moving_the_clock_back_and_forth_never_charges_twice(bl: Billing, toss: FakeToss) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    pay(bl, toss, claim_one(bl))
+    now = bl.now()
+    # Back before the subscription began, forward past its end, and back again, ticking.
+    for at in (START - timedelta(days=40), now + timedelta(days=35), START, now):
+        bl.set_clock(at)
+        bl.tick()
+        for row in bl.claim():
+            pay(bl, toss, row)
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "paid"), (3, "paid")]
+    assert len(toss.payments) == 3
+    assert bl.scalar("select count(*) from billing.charge_attempts") == 3
+    assert bl.scalar("select count(*) from billing.refunds") == 0

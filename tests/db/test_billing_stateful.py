@@ -1,0 +1,997 @@
+"""Billing core under random interleavings of everything its callers do, checked after every step.
+
+Each example is a fresh clone of the migrated database and a generated list of operations, driven
+only through the public SQL functions: subscribers (``api.*`` as ``authenticated`` with JWT
+claims) register and replace cards, cancel, resume and spend credits; the service
+(``billing.service_*`` as ``billing_service``) claims attempts, refunds, webhooks and key
+deletions, talks to a model of Toss and records what it saw, sometimes late (after its lease
+expired), twice, or never; the operator and pg_cron (the owner) tick with clock jumps from a
+minute to three months, move the test clock back, cancel at once with a prorated refund, refund
+and change the price. Toss is modelled faithfully enough to matter: one decision per orderId that
+re-sends replay, payments whose snapshots change with each cancel, cancels replayed per
+Idempotency-Key, deleted billing keys refused, webhooks delivered late, out of order and twice.
+
+After every operation the invariants of ARCHITECTURE §3 are checked in SQL (one query); at the
+end of each example the service settles all outstanding work and the ledger must agree with Toss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from dbkit import Billing, FakeToss, Row, kst, sha256_hex
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from service.runtime import testdb
+from service.runtime.cluster import Runtime
+
+USERS = ("ana", "ben", "cho")
+STARTS = (kst(2027, 12, 31, 10, 0), kst(2028, 1, 29, 23, 30), kst(2028, 3, 15, 9, 0))
+MINUTE, HOUR, DAY = timedelta(minutes=1), timedelta(hours=1), timedelta(days=1)
+JUMPS = (MINUTE, 2 * MINUTE, 5 * MINUTE, 30 * MINUTE, HOUR, 6 * HOUR, DAY, 2 * DAY, 3 * DAY,
+         8 * DAY, 15 * DAY, 31 * DAY, 62 * DAY, 93 * DAY)  # fmt: skip
+BACKS = (MINUTE, HOUR, DAY, 10 * DAY, 40 * DAY)
+PRICE_OFFSETS = (timedelta(0), MINUTE, DAY, 10 * DAY, 40 * DAY)
+LIVE = ("incomplete", "active", "past_due")
+
+# What happens to a charge the service sends (the first entry is what shrinking tends to).
+CHARGE = ("ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "decline", "decline", "decline",
+          "transient", "transient", "timeout_after", "timeout_before", "dead", "ok", "ok", "bug",
+          "charged_but_declined", "timeout_after", "charged_but_declined")  # fmt: skip
+LOOKUP = ("answer", "answer", "answer", "answer", "transient", "timeout")
+REFUND = ("ok", "ok", "ok", "ok", "retryable", "rejected")
+DECLINES = {
+    "decline": ("REJECT_CARD_PAYMENT", "한도초과 혹은 잔액부족", "decline"),
+    "dead": ("INVALID_STOPPED_CARD", "정지된 카드", "needs_new_card"),
+    "bug": ("NOT_MATCHES_CUSTOMER_KEY", "customerKey 불일치", "bug"),
+    "removed": ("ALREADY_REMOVED_BILLING_KEY", "이미 삭제된 빌링키입니다", "needs_new_card"),
+}
+
+# ---------------------------------------------------------------------------------------------
+# The invariants, as one query: each row is a violation (rule, id).
+# ---------------------------------------------------------------------------------------------
+INVARIANTS = """
+select 'two applied payments for one period' as rule, period_id::text as id
+  from billing.payments where applied group by period_id having count(*) > 1
+union all
+select 'two succeeded attempts for one period', period_id::text
+  from billing.charge_attempts where status = 'succeeded' group by period_id having count(*) > 1
+union all
+select 'two attempts of one period in flight', period_id::text
+  from billing.charge_attempts where status in ('queued', 'claimed', 'unknown')
+ group by period_id having count(*) > 1
+union all
+select 'approved attempt without its payment', ca.id::text from billing.charge_attempts ca
+ where ca.status in ('succeeded', 'duplicate')
+   and not exists (select 1 from billing.payments p where p.attempt_id = ca.id)
+union all
+select 'paid period not paid by an applied payment of a succeeded attempt', bp.id::text
+  from billing.billing_periods bp
+ where bp.status = 'paid'
+   and not exists (select 1 from billing.payments p
+                     join billing.charge_attempts ca on ca.id = p.attempt_id
+                    where p.id = bp.payment_id and p.applied and p.period_id = bp.id
+                      and ca.status = 'succeeded')
+union all
+select 'applied payment of a period it does not pay', p.id::text
+  from billing.payments p join billing.billing_periods bp on bp.id = p.period_id
+ where p.applied and (bp.status <> 'paid' or bp.payment_id <> p.id)
+union all
+select 'applied payment amount differs from its period', p.id::text
+  from billing.payments p join billing.billing_periods bp on bp.id = p.period_id
+ where p.applied and p.total_amount <> bp.amount
+union all
+select 'period amount is not the price in effect at its start', bp.id::text
+  from billing.billing_periods bp join billing.subscriptions s on s.id = bp.subscription_id
+ where (bp.price_id, bp.amount)
+       <> (select x.id, x.amount from billing.price_at(s.plan_id, bp.starts_at) x)
+union all
+select 'attempt amount differs from its period', ca.id::text
+  from billing.charge_attempts ca join billing.billing_periods bp on bp.id = ca.period_id
+ where ca.amount <> bp.amount
+union all
+select 'refunds exceed the payment', p.id::text from billing.payments p
+ where (select coalesce(sum(r.amount), 0) from billing.refunds r
+         where r.payment_id = p.id and r.status = 'succeeded') > p.total_amount
+union all
+select 'balance is not total less succeeded refunds', p.id::text from billing.payments p
+ where p.total_amount - p.balance_amount
+       <> (select coalesce(sum(r.amount), 0) from billing.refunds r
+            where r.payment_id = p.id and r.status = 'succeeded')
+union all
+select 'pending refunds exceed the balance', p.id::text from billing.payments p
+ where (select coalesce(sum(r.amount), 0) from billing.refunds r
+         where r.payment_id = p.id and r.status in ('requested', 'claimed')) > p.balance_amount
+union all
+select 'unapplied payment with a balance and no refund of it', p.id::text from billing.payments p
+ where not p.applied and p.balance_amount > 0
+   and not exists (select 1 from billing.refunds r where r.payment_id = p.id
+                      and r.source::text in ('duplicate_charge', 'late_charge', 'wrong_amount'))
+union all
+select 'credit grant disagrees with its ledger', g.id::text from billing.credit_grants g
+ where g.remaining < 0
+    or g.remaining <> (select coalesce(sum(e.amount), 0) from billing.credit_entries e
+                        where e.grant_id = g.id)
+union all
+select 'credits for a period that is not paid', g.id::text
+  from billing.credit_grants g join billing.billing_periods bp on bp.id = g.period_id
+ where bp.status <> 'paid' or bp.payment_id <> g.payment_id
+union all
+select 'live subscription without an open or paid current period', s.id::text
+  from billing.subscriptions s left join billing.billing_periods bp on bp.id = s.current_period_id
+ where s.status in ('incomplete', 'active', 'past_due')
+   and (bp.id is null or bp.subscription_id <> s.id or bp.status not in ('open', 'paid')
+        or (bp.period_index, bp.starts_at, bp.ends_at)
+           <> (s.current_period_index, s.current_period_starts_at, s.current_period_ends_at))
+union all
+select 'active subscription with an unpaid period and no charge on its way', s.id::text
+  from billing.subscriptions s join billing.billing_periods bp on bp.id = s.current_period_id
+ where s.status = 'active' and bp.status = 'open'
+   and not exists (select 1 from billing.charge_attempts ca
+                    where ca.period_id = bp.id and ca.status in ('queued', 'claimed', 'unknown'))
+union all
+select 'incomplete or past_due subscription whose period is not open', s.id::text
+  from billing.subscriptions s join billing.billing_periods bp on bp.id = s.current_period_id
+ where s.status in ('incomplete', 'past_due') and (bp.status <> 'open' or s.grace_ends_at is null)
+union all
+select 'open period that is not the current period of a live subscription', bp.id::text
+  from billing.billing_periods bp join billing.subscriptions s on s.id = bp.subscription_id
+ where bp.status = 'open'
+   and (s.current_period_id <> bp.id or s.status not in ('incomplete', 'active', 'past_due'))
+union all
+select 'period is not the calendar month from the anchor', bp.id::text
+  from billing.billing_periods bp join billing.subscriptions s on s.id = bp.subscription_id
+ where bp.starts_at <> billing.period_start(s.billing_anchor, bp.period_index - 1)
+    or bp.ends_at <> billing.period_start(s.billing_anchor, bp.period_index)
+union all
+select 'ended subscription with an attempt queued to charge', ca.id::text
+  from billing.charge_attempts ca join billing.subscriptions s on s.id = ca.subscription_id
+ where s.status in ('canceled', 'unpaid') and ca.status = 'queued'
+union all
+select 'billing key neither in use, deleted nor queued for deletion', pm.id::text
+  from billing.payment_methods pm
+ where pm.status <> 'deleted'
+   and not exists (select 1 from billing.subscriptions s
+                    where s.payment_method_id = pm.id
+                      and s.status in ('incomplete', 'active', 'past_due'))
+   and not exists (select 1 from billing.key_deletions kd where kd.payment_method_id = pm.id)
+union all
+select 'order id used twice', order_id from billing.charge_attempts
+ group by order_id having count(*) > 1
+union all
+select 'idempotency key used twice', k::text
+  from (select idempotency_key as k from billing.charge_attempts
+        union all select id from billing.refunds) x group by k having count(*) > 1
+union all
+select 'payment order id that is not its attempt''s', p.id::text
+  from billing.payments p join billing.charge_attempts ca on ca.id = p.attempt_id
+ where p.order_id <> ca.order_id
+"""
+
+
+def op_strategy() -> st.SearchStrategy[tuple[str, int, int]]:
+    weights = {
+        "tick": 6,
+        "period_end": 4,
+        "serve": 9,
+        "register": 2,
+        "complete_pending": 1,
+        "claim": 3,
+        "answer": 4,
+        "redeliver": 2,
+        "expire_leases": 1,
+        "clock_back": 1,
+        "cancel": 1,
+        "resume": 1,
+        "cancel_now": 1,
+        "refund": 3,
+        "serve_refunds": 3,
+        "answer_refund": 2,
+        "consume": 2,
+        "deliver_webhook": 3,
+        "serve_webhooks": 2,
+        "odd_webhook": 1,
+        "issuer_deletes_key": 1,
+        "serve_key_deletions": 1,
+        "change_price": 1,
+        "reconcile": 1,
+        "stale_snapshot": 1,
+        "notifications": 1,
+    }
+    names = [name for name, weight in weights.items() for _ in range(weight)]
+    return st.tuples(st.sampled_from(names), st.integers(0, 99), st.integers(0, 99))
+
+
+class Run:
+    """One example: a database of its own, the service's memory, and a model of Toss."""
+
+    def __init__(self, rt: Runtime, dbname: str, start: datetime) -> None:
+        self.bl = Billing(rt, dbname)
+        self.toss = FakeToss(self.bl)
+        self.bl.enable_clock(start)
+        # Toss's side
+        self.decided: dict[str, tuple[str, ...]] = {}  # orderId -> ("approved", key) / decline
+        self.history: dict[str, list[dict[str, Any]]] = defaultdict(list)  # paymentKey -> snaps
+        self.toss_errors: dict[str, tuple[str, bool]] = {}  # refund Idempotency-Key -> error
+        self.outbox: list[tuple[str, str | None, dict[str, Any]]] = []  # webhooks to deliver
+        self.approvals: Counter[Any] = Counter()  # period -> orders Toss approved
+        self.anomalies: Counter[Any] = Counter()  # period -> approved but answered "declined"
+        # The service's side
+        # attempt -> (worker, claim, what Toss said), until the service writes it back
+        self.held: dict[Any, tuple[str, Row, tuple[Any, ...]]] = {}
+        self.held_refunds: dict[Any, tuple[str, Row, tuple[Any, ...]]] = {}
+        self.delivered: list[tuple[Any, tuple[Any, ...]]] = []  # results recorded, to repeat
+        self.ingested: dict[str, Any] = {}  # transmission id -> webhook event id
+        self.pending: list[tuple[str, dict[str, Any]]] = []  # registrations not completed yet
+        self.user_of_key: dict[str, str] = {}  # customerKey -> user
+        self.keys: dict[str, str] = {}  # sha256 -> billing key
+        self.counter = 0
+        self.windows = 0
+        self.rejected_refunds = 0
+
+    def close(self) -> None:
+        self.bl.close()
+
+    def next_id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}_{self.counter:04d}"
+
+    # --- helpers ------------------------------------------------------------------------------
+    def now(self) -> datetime:
+        return self.bl.now()
+
+    @staticmethod
+    def attempt(call: Callable[[], Any], allowed: tuple[str, ...] = ()) -> tuple[Any, str | None]:
+        """Runs a call; an error is acceptable only with one of the ``allowed`` SQLSTATEs."""
+        try:
+            return call(), None
+        except psycopg.Error as exc:
+            error = exc
+        assert error.sqlstate in allowed, f"{error.sqlstate}: {error}"
+        event(f"refused with {error.sqlstate}")
+        return None, error.sqlstate
+
+    def live_subscription(self, user: str) -> Row | None:
+        rows = self.bl.all(
+            "select * from billing.subscriptions where user_id = %s and status in"
+            " ('incomplete', 'active', 'past_due')",
+            (user,),
+        )
+        return rows[0] if rows else None
+
+    def check(self) -> None:
+        violations = self.bl.all(INVARIANTS)
+        assert violations == [], violations
+        gaps = self.bl.audit_gaps()
+        assert gaps == [], gaps
+
+    # --- subscribers --------------------------------------------------------------------------
+    def begin(self, user: str) -> dict[str, Any] | None:
+        pending = self.bl.scalar(
+            "select count(*) from billing.card_registrations where user_id = %s"
+            " and status = 'pending' and expires_at > billing.now()",
+            (user,),
+        )
+        reg, err = self.attempt(
+            lambda: self.bl.api(
+                user, "begin_registration", "pro", claims={"email": f"{user}@x.kr"}
+            ),
+            ("SB422",),
+        )
+        assert (err == "SB422") == (pending >= 5)
+        return reg  # type: ignore[no-any-return]
+
+    def complete(self, user: str, reg: dict[str, Any], expect_ok: bool) -> None:
+        key = self.next_id(f"bk_{user}")
+        card = {"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용"}}
+        done, err = self.attempt(
+            lambda: self.bl.service(
+                "service_complete_registration",
+                reg["customerKey"],
+                b"ciphertext:" + key.encode(),
+                "k1",
+                sha256_hex(key),
+                card,
+            ),
+            () if expect_ok else ("SB409",),
+        )
+        assert (err is None) == expect_ok
+        if done is not None:
+            self.user_of_key[reg["customerKey"]] = user
+            self.keys[sha256_hex(key)] = key
+            s = self.bl.one(
+                "select * from billing.subscriptions where id = %s", (done["subscriptionId"],)
+            )
+            assert s["user_id"] == user
+            assert s["status"] in LIVE
+
+    def op_register(self, a: int, b: int) -> None:
+        user = USERS[a % len(USERS)]
+        reg = self.begin(user)
+        if reg is None:
+            return
+        kind = b % 10
+        if kind < 7:
+            self.complete(user, reg, expect_ok=True)
+        elif kind == 7:
+            out = self.bl.service(
+                "service_fail_registration", reg["customerKey"], "PAY_PROCESS_CANCELED", "취소"
+            )
+            assert out["changed"] is True
+        else:
+            self.pending.append((user, reg))
+
+    def op_complete_pending(self, a: int, b: int) -> None:
+        if not self.pending:
+            return
+        user, reg = self.pending.pop(a % len(self.pending))
+        row = self.bl.one(
+            "select status::text, expires_at > billing.now() as fresh"
+            " from billing.card_registrations where customer_key = %s",
+            (reg["customerKey"],),
+        )
+        self.complete(user, reg, expect_ok=row["status"] == "pending" and row["fresh"])
+
+    def op_cancel(self, a: int, b: int) -> None:
+        user = USERS[a % len(USERS)]
+        if b % 2:
+            return  # changed their mind before pressing the button (keeps subscribers around)
+        live = self.live_subscription(user)
+        out, err = self.attempt(lambda: self.bl.api(user, "cancel_subscription"), ("SB404",))
+        assert (err is None) == (live is not None)
+        if live is not None:
+            if live["status"] == "active":
+                assert (out["status"], out["cancelAtPeriodEnd"]) == ("active", True)
+            else:
+                assert out["status"] == "canceled"
+
+    def op_resume(self, a: int, b: int) -> None:
+        user = USERS[a % len(USERS)]
+        live = self.live_subscription(user)
+        _, err = self.attempt(lambda: self.bl.api(user, "resume_subscription"), ("SB404", "SB409"))
+        if live is None:
+            assert err == "SB404"
+        else:
+            ok = (
+                live["status"] == "active"
+                and live["cancel_at_period_end"]
+                and live["current_period_ends_at"] > self.now()
+            )
+            assert err == (None if ok else "SB409")
+
+    def op_consume(self, a: int, b: int) -> None:
+        user = USERS[a % len(USERS)]
+        balance = self.bl.api(user, "my_credits")["balance"]
+        assert balance >= 0
+        out, err = self.attempt(lambda: self.bl.api(user, "consume_credit", "saju"), ("SB422",))
+        if balance > 0:
+            assert err is None
+            assert out["balance"] == balance - 1
+        else:
+            assert err == "SB422"
+
+    # --- the operator and the scheduler -------------------------------------------------------
+    def op_tick(self, a: int, b: int) -> None:
+        self.bl.advance(JUMPS[a % len(JUMPS)])
+        self.bl.tick()
+
+    def op_period_end(self, a: int, b: int) -> None:
+        """Straight to the next end of a live subscription's period (plus a little) and tick; then,
+        before the service charges the renewals, maybe something else happens to a subscriber."""
+        due = self.bl.scalar(
+            "select min(current_period_ends_at) from billing.subscriptions"
+            " where status in ('incomplete', 'active', 'past_due')"
+            " and current_period_ends_at > billing.now()"
+        )
+        if due is None:
+            return
+        self.bl.set_clock(due + JUMPS[a % 6])
+        self.bl.tick()
+        renewing = [
+            i
+            for i, user in enumerate(USERS)
+            if self.bl.scalar(
+                "select exists (select 1 from billing.subscriptions s join billing.billing_periods"
+                " bp on bp.id = s.current_period_id where s.user_id = %s and s.status = 'active'"
+                " and bp.status = 'open')",
+                (user,),
+            )
+        ]
+        if not renewing:
+            return
+        i = renewing[a % len(renewing)]
+        self.windows += 1
+        window = (b + self.windows) % 4
+        if window == 1:  # registers a new card
+            self.op_register(i, 0)
+        elif window == 2:  # the card company deletes the key; Toss's webhook is handled at once
+            self.op_issuer_deletes_key(i, 0)
+            self.op_deliver_webhook(0, 1)
+            self.op_serve_webhooks(0, 1)
+        elif window == 3:  # cancels
+            self.op_cancel(i, 0)
+
+    def op_expire_leases(self, a: int, b: int) -> None:
+        self.bl.advance(timedelta(minutes=3))
+        self.bl.tick()
+
+    def op_clock_back(self, a: int, b: int) -> None:
+        self.bl.set_clock(self.now() - BACKS[a % len(BACKS)])
+        self.bl.tick()
+
+    def op_cancel_now(self, a: int, b: int) -> None:
+        live = [s for s in (self.live_subscription(u) for u in USERS) if s is not None]
+        if not live:
+            return
+        if b % 3:
+            return  # support talked them out of it (keeps subscribers around)
+        s = live[a % len(live)]
+        out = self.bl.billing("cancel_subscription_now", s["id"], a % 2 == 0, "support")
+        assert out["status"] == "canceled"
+
+    def payments_in_ledger(self) -> list[Row]:
+        """Payments in the order Toss approved them (deterministic, unlike their ids)."""
+        rows = {r["payment_key"]: r for r in self.bl.all("select * from billing.payments")}
+        return [rows[k] for k in self.toss.by_key if k in rows]
+
+    def op_refund(self, a: int, b: int) -> None:
+        payments = self.payments_in_ledger()
+        if not payments:
+            return
+        pay = payments[a % len(payments)]
+        pending = self.bl.scalar(
+            "select coalesce(sum(amount), 0) from billing.refunds where payment_id = %s"
+            " and status in ('requested', 'claimed')",
+            (pay["id"],),
+        )
+        refundable = pay["balance_amount"] - pending
+        amount = (None, 1000, 3000, pay["balance_amount"], pay["total_amount"] + 1)[b % 5]
+        _, err = self.attempt(
+            lambda: self.bl.billing("request_refund", pay["id"], amount, "support"),
+            ("SB400", "SB409", "SB422"),
+        )
+        if amount is not None and amount <= 0:
+            assert err == "SB400"
+        elif pay["status"] not in ("DONE", "PARTIAL_CANCELED"):
+            assert err == "SB409"
+        elif (amount or refundable) > refundable or refundable <= 0:
+            assert err == "SB422"
+        else:
+            assert err is None
+            if a % 2 == 0:  # the doorbell rings and the service picks it up at once
+                self.op_serve_refunds(b, a)
+
+    def op_change_price(self, a: int, b: int) -> None:
+        self.attempt(
+            lambda: self.bl.billing(
+                "change_plan_price",
+                "pro",
+                9900 + 1000 * (a % 5),
+                self.now() + PRICE_OFFSETS[b % len(PRICE_OFFSETS)],
+            ),
+            ("SB409", "SB422"),
+        )
+
+    # --- the service: charges -----------------------------------------------------------------
+    def toss_charge(self, row: Row, outcome: str) -> tuple[Any, ...]:
+        """POST /v1/billing/{billingKey} as Toss would answer it; returns what the service saw."""
+        order = row["order_id"]
+        key = bytes(row["billing_key_ciphertext"]).decode().removeprefix("ciphertext:")
+        decided = self.decided.get(order)
+        fresh_anomaly = False
+        if decided is None:
+            if key in self.toss.deleted_keys:
+                decided = ("declined", *DECLINES["removed"])
+            elif outcome in ("ok", "timeout_after", "charged_but_declined"):
+                payment = self.toss.approve(order, row["amount"], row["order_name"])
+                self.history[payment["paymentKey"]].append(json.loads(json.dumps(payment)))
+                decided = ("approved", payment["paymentKey"])
+                self.approvals[row["period_id"]] += 1
+                if outcome == "charged_but_declined":
+                    event("Toss approved a charge it answered as declined")
+                    self.anomalies[row["period_id"]] += 1
+                    fresh_anomaly = True
+            elif outcome in DECLINES:
+                decided = ("declined", *DECLINES[outcome])
+            if decided is not None:
+                self.decided[order] = decided
+        if outcome == "transient":
+            return (
+                "failure",
+                "FAILED_INTERNAL_SYSTEM_PROCESSING",
+                "잠시 후 다시 시도",
+                "transient",
+            )
+        if outcome in ("timeout_before", "timeout_after"):
+            return ("unknown", "read timeout after 60 s")
+        if fresh_anomaly:
+            return ("failure", *DECLINES["decline"])
+        if decided is None:
+            return ("unknown", "connection reset")
+        if decided[0] == "approved":
+            # Re-sends under the same Idempotency-Key replay the first answer.
+            return ("success", self.history[decided[1]][0])
+        return ("failure", *decided[1:])
+
+    def toss_lookup(self, row: Row, outcome: str) -> tuple[Any, ...]:
+        """GET /v1/payments/orders/{orderId}."""
+        if outcome == "transient":
+            return ("failure", "COMMON_ERROR", "일시적인 오류", "transient")
+        if outcome == "timeout":
+            return ("unknown", "lookup timed out")
+        decided = self.decided.get(row["order_id"])
+        if decided is None:
+            return ("not_found",)
+        if decided[0] == "approved":
+            return ("snapshot", self.toss.snapshot(decided[1]))
+        aborted = {
+            "paymentKey": f"pk_aborted_{row['order_id']}",
+            "orderId": row["order_id"],
+            "status": "ABORTED",
+            "totalAmount": row["amount"],
+            "balanceAmount": row["amount"],
+            "approvedAt": None,
+            "failure": {"code": decided[1], "message": decided[2]},
+        }
+        return ("aborted", aborted, *decided[1:])
+
+    def claim_sorted(self, worker: str) -> list[Row]:
+        """Claims every due attempt, checking that none is handed out while leased elsewhere."""
+        leased = {
+            r["id"]
+            for r in self.bl.all(
+                "select id from billing.charge_attempts where status = 'claimed'"
+                " and lease_expires_at > billing.now()"
+            )
+        }
+        rows = self.bl.claim(worker, 100)
+        ids = [r["attempt_id"] for r in rows]
+        assert len(set(ids)) == len(ids)
+        assert not leased & set(ids), "an attempt was handed out while leased"
+        for r in rows:
+            # Charged only while its period needs paying; anything else is looked up.
+            allowed = self.bl.scalar("select billing.resend_allowed(%s)", (r["attempt_id"],))
+            assert r["mode"] == "lookup" or allowed, r
+        assert self.bl.claim("another-worker", 100) == [], "claimable twice at once"
+        return sorted(
+            rows,
+            key=lambda r: (
+                self.user_of_key[r["customer_key"]],
+                r["order_name"],
+                r["attempt_number"],
+            ),
+        )
+
+    def op_claim(self, a: int, b: int) -> None:
+        """A worker claims what is due and calls Toss at once (within its lease); writing the
+        answers back comes later (op_answer), or never (a crash: the lease runs out)."""
+        worker = self.next_id("w")
+        for i, row in enumerate(self.claim_sorted(worker)):
+            if row["mode"] == "charge":
+                seen = self.toss_charge(row, CHARGE[(b + 5 * i) % len(CHARGE)])
+            else:
+                seen = self.toss_lookup(row, LOOKUP[(b + 5 * i) % len(LOOKUP)])
+            self.held[row["attempt_id"]] = (worker, row, seen)
+
+    def op_serve(self, a: int, b: int) -> None:
+        """A healthy worker: claims what is due, calls Toss and writes each answer back at once."""
+        for i, row in enumerate(self.claim_sorted(self.next_id("w"))):
+            if row["mode"] == "charge":
+                seen = self.toss_charge(row, CHARGE[(b + 5 * i) % len(CHARGE)])
+            else:
+                seen = self.toss_lookup(row, LOOKUP[(b + 5 * i) % len(LOOKUP)])
+            self.record(row["attempt_id"], seen, ())
+            self.delivered.append((row["attempt_id"], seen))
+
+    def record(self, attempt_id: Any, seen: tuple[Any, ...], allowed: tuple[str, ...]) -> None:
+        """Writes what Toss said back to the database, as the service does."""
+        bl, kind = self.bl, seen[0]
+        event(f"charge result: {kind}" + (" (late)" if allowed else ""))
+        if kind == "success":
+            out, _ = self.attempt(
+                lambda: bl.service("service_record_charge_success", attempt_id, seen[1]), allowed
+            )
+        elif kind == "failure":
+            out, _ = self.attempt(
+                lambda: bl.service("service_record_charge_failure", attempt_id, *seen[1:]), allowed
+            )
+        elif kind == "unknown":
+            out, _ = self.attempt(
+                lambda: bl.service("service_record_charge_unknown", attempt_id, seen[1]), allowed
+            )
+        elif kind == "not_found":
+            out, _ = self.attempt(
+                lambda: bl.service("service_record_lookup_not_found", attempt_id), allowed
+            )
+        elif kind == "snapshot":
+            out, _ = self.attempt(
+                lambda: bl.service("service_apply_payment_snapshot", seen[1]), allowed
+            )
+            assert out is None or out["matched"] == "attempt"
+        elif kind == "aborted":
+            out = bl.service("service_apply_payment_snapshot", seen[1])
+            assert (out["matched"], out["action"]) == ("attempt", "classify_failure")
+            self.attempt(
+                lambda: bl.service("service_record_charge_failure", attempt_id, *seen[2:]), allowed
+            )
+        else:
+            raise AssertionError(kind)
+
+    def op_answer(self, a: int, b: int) -> None:
+        if not self.held:
+            return
+        attempt_id = list(self.held)[a % len(self.held)]
+        worker, row, seen = self.held.pop(attempt_id)
+        now = self.bl.one(
+            "select status::text, lease_owner, lease_expires_at from billing.charge_attempts"
+            " where id = %s",
+            (attempt_id,),
+        )
+        fresh = (now["status"], now["lease_owner"], now["lease_expires_at"]) == (
+            "claimed",
+            worker,
+            row["lease_expires_at"],
+        )
+        # A worker whose lease ran out may find the attempt settled by another: 409, no change.
+        self.record(attempt_id, seen, () if fresh else ("SB409",))
+        self.delivered.append((attempt_id, seen))
+
+    def op_redeliver(self, a: int, b: int) -> None:
+        if not self.delivered:
+            return
+        attempt_id, seen = self.delivered[a % len(self.delivered)]
+        before = self.bl.scalar("select count(*) from billing.payments")
+        self.record(attempt_id, seen, ("SB409",))
+        if seen[0] in ("success", "snapshot"):
+            assert self.bl.scalar("select count(*) from billing.payments") == before
+
+    def op_reconcile(self, a: int, b: int) -> None:
+        """The daily reconciliation: every payment Toss has is applied as Toss has it now."""
+        for key in list(self.toss.by_key):
+            out = self.bl.service("service_apply_payment_snapshot", self.toss.snapshot(key))
+            assert out["matched"] in ("attempt", "payment")
+
+    def op_stale_snapshot(self, a: int, b: int) -> None:
+        """A snapshot older than what the ledger has arrives late: it changes nothing."""
+        keys = list(self.history)
+        if not keys or len(self.history[keys[a % len(keys)]]) < 2:
+            return
+        key = keys[a % len(keys)]
+        old = self.history[key][b % (len(self.history[key]) - 1)]
+        rows = self.bl.all(
+            "select balance_amount from billing.payments where payment_key = %s", (key,)
+        )
+        self.bl.service("service_apply_payment_snapshot", old)
+        after = self.bl.scalar(
+            "select balance_amount from billing.payments where payment_key = %s", (key,)
+        )
+        if rows:
+            event("older snapshot after a newer one")
+            assert after == min(rows[0]["balance_amount"], old["balanceAmount"])
+        assert after >= self.toss.by_key[key]["balanceAmount"]
+
+    # --- the service: refunds -----------------------------------------------------------------
+    def toss_cancel(self, row: Row, outcome: str) -> tuple[Any, ...]:
+        """POST /v1/payments/{paymentKey}/cancel with the refund id as Idempotency-Key."""
+        idem = str(row["idempotency_key"])
+        if idem in self.toss.cancel_replies:
+            event("refund re-sent: Toss replays its answer")
+            return ("payment", self.toss.cancel_replies[idem])
+        if idem in self.toss_errors:
+            return ("error", *self.toss_errors[idem])
+        if outcome == "retryable":
+            return ("error", "FAILED_REFUND_PROCESS", True)
+        if outcome == "rejected":
+            self.toss_errors[idem] = ("REFUND_REJECTED", False)
+            return ("error", "REFUND_REJECTED", False)
+        payment = self.toss.by_key[row["payment_key"]]
+        # The database never asks for more than Toss still holds.
+        assert row["cancel_amount"] <= payment["balanceAmount"], (row, payment)
+        reply = self.toss.cancel(
+            row["payment_key"], row["cancel_amount"], row["cancel_reason"], idem
+        )
+        self.history[row["payment_key"]].append(json.loads(json.dumps(reply)))
+        body = {"eventType": "PAYMENT_STATUS_CHANGED", "createdAt": "2028-01-01T00:00:00.000000",
+                "data": reply}  # fmt: skip
+        self.outbox.append((self.next_id("whtrans"), "PAYMENT_STATUS_CHANGED", body))
+        return ("payment", reply)
+
+    def op_serve_refunds(self, a: int, b: int) -> None:
+        """Claims due refunds and calls Toss; most answers are written back at once, some later
+        (op_answer_refund) or never (the lease runs out and the cancel is re-sent)."""
+        worker = self.next_id("w")
+        rows = self.bl.service_rows("service_claim_refunds", worker, 100)
+        order = {k: i for i, k in enumerate(self.toss.by_key)}
+        rows.sort(key=lambda r: (order[r["payment_key"]], r["cancel_amount"], r["cancel_reason"]))
+        for i, row in enumerate(rows):
+            seen = self.toss_cancel(row, REFUND[(b + 3 * i) % len(REFUND)])
+            self.held_refunds[row["refund_id"]] = (worker, row, seen)
+            if (a + i) % 4:
+                self.op_answer_refund(len(self.held_refunds) - 1, b + i)
+
+    def record_refund(
+        self, refund_id: Any, seen: tuple[Any, ...], allowed: tuple[str, ...]
+    ) -> None:
+        if seen[0] == "payment":
+            out, _ = self.attempt(
+                lambda: self.bl.service("service_record_refund_result", refund_id, seen[1]), allowed
+            )
+            assert out is None or out["status"] == "succeeded"
+        else:
+            out, _ = self.attempt(
+                lambda: self.bl.service(
+                    "service_record_refund_result", refund_id, None, seen[1], "x", seen[2]
+                ),
+                allowed,
+            )
+            if out is not None and out["status"] == "failed":
+                self.rejected_refunds += 1
+
+    def op_answer_refund(self, a: int, b: int) -> None:
+        if not self.held_refunds:
+            return
+        refund_id = list(self.held_refunds)[a % len(self.held_refunds)]
+        worker, row, seen = self.held_refunds.pop(refund_id)
+        now = self.bl.one(
+            "select status::text, lease_owner, lease_expires_at from billing.refunds where id = %s",
+            (refund_id,),
+        )
+        fresh = (now["status"], now["lease_owner"], now["lease_expires_at"]) == (
+            "claimed",
+            worker,
+            row["lease_expires_at"],
+        )
+        self.record_refund(refund_id, seen, () if fresh else ("SB409",))
+        if b % 3 == 0:  # the service retries its write after a lost reply
+            self.record_refund(refund_id, seen, ("SB409",))
+        elif b % 3 == 1 and seen[0] == "payment":
+            # A re-fetch made before this cancel (for an earlier webhook) lands after it.
+            self.op_stale_snapshot(list(self.history).index(seen[1]["paymentKey"]), a)
+
+    # --- the service: webhooks and billing keys -----------------------------------------------
+    def ingest(self, tid: str, event_type: str | None, body: dict[str, Any]) -> Row:
+        [row] = self.bl.service_rows("service_ingest_webhook", tid, event_type, body, {})
+        if tid in self.ingested:
+            event("webhook delivered twice")
+            assert (row["duplicate"], row["webhook_event_id"]) == (True, self.ingested[tid])
+        else:
+            assert row["duplicate"] is False
+            self.ingested[tid] = row["webhook_event_id"]
+        return row
+
+    def op_deliver_webhook(self, a: int, b: int) -> None:
+        """Toss delivers what it has, not in the order it happened; a delivery whose 200 it did
+        not get stays in its outbox and comes again later."""
+        if not self.outbox:
+            return
+        k = a % len(self.outbox)
+        batch, self.outbox = self.outbox[k:] + self.outbox[:k], []
+        for i, (tid, event_type, body) in enumerate(batch):
+            self.ingest(tid, event_type, body)
+            if (b + i) % 3 == 0:
+                self.outbox.append((tid, event_type, body))
+
+    def op_odd_webhook(self, a: int, b: int) -> None:
+        payments = self.payments_in_ledger()
+        kind = a % 4
+        tid = self.next_id("whtrans_odd")
+        if kind == 0:
+            body = {
+                "eventType": "CUSTOMER_STATUS_CHANGED",
+                "createdAt": "x",
+                "data": {"status": "X"},
+            }
+            assert self.ingest(tid, None, body)["status"] == "ignored"
+        elif kind == 1 or not payments:
+            order_id = payments[0]["order_id"] if payments else "ord_forged"
+            body = {"createdAt": "x", "secret": "ps_forged", "status": "DONE",
+                    "transactionKey": "t", "orderId": order_id}  # fmt: skip
+            row = self.ingest(tid, None, body)
+            assert (row["status"], row["resolved_event_type"]) == ("ignored", "DEPOSIT_CALLBACK")
+        elif kind == 2:
+            pay = payments[b % len(payments)]
+            body = {"createdAt": "x", "secret": pay["secret"], "status": "DONE",
+                    "transactionKey": "t", "orderId": pay["order_id"]}  # fmt: skip
+            assert self.ingest(tid, None, body)["status"] == "received"
+        else:
+            pay = payments[b % len(payments)]
+            forged = dict(self.toss.snapshot(pay["payment_key"]), balanceAmount=0, secret="ps_x")
+            body = {"eventType": "PAYMENT_STATUS_CHANGED", "createdAt": "x", "data": forged}
+            assert self.ingest(tid, "PAYMENT_STATUS_CHANGED", body)["status"] == "ignored"
+
+    def process_webhook(self, row: Row, race: bool = False) -> str:
+        kind, payload = row["event_type"], row["payload"]
+        if kind == "BILLING_DELETED":
+            self.bl.service(
+                "service_mark_payment_method_deleted",
+                payload["data"]["billingKeySha256"],
+                payload["data"]["reason"],
+            )
+            return "processed"
+        # Never applied as sent: re-fetch with the secret key and apply that.
+        if kind == "PAYMENT_STATUS_CHANGED":
+            key = payload["data"]["paymentKey"]
+        else:
+            decided = self.decided.get(payload["orderId"])
+            key = decided[1] if decided and decided[0] == "approved" else None
+        if key not in self.toss.by_key:
+            return "ignored"  # NOT_FOUND_PAYMENT
+        self.bl.service("service_apply_payment_snapshot", self.toss.snapshot(key))
+        if race and len(self.history[key]) > 1:
+            # Another worker's re-fetch of an earlier event, answered before this one, lands last.
+            event("older snapshot after a newer one")
+            self.bl.service("service_apply_payment_snapshot", self.history[key][-2])
+        return "processed"
+
+    def op_serve_webhooks(self, a: int, b: int) -> None:
+        rows = self.bl.service_rows("service_claim_webhooks", self.next_id("w"), 100)
+        for i, row in enumerate(sorted(rows, key=lambda r: r["transmission_id"])):
+            outcome = "retry" if (b + i) % 5 == 0 else self.process_webhook(row, (b + i) % 5 == 1)
+            self.bl.service("service_record_webhook_result", row["webhook_event_id"], outcome, "x")
+
+    def op_issuer_deletes_key(self, a: int, b: int) -> None:
+        """The card company deletes a subscriber's billing key; Toss says so by webhook."""
+        s = self.live_subscription(USERS[a % len(USERS)])
+        if s is None:
+            return
+        sha = self.bl.scalar(
+            "select billing_key_sha256 from billing.payment_methods where id = %s",
+            (s["payment_method_id"],),
+        )
+        key = self.keys[sha]
+        self.toss.deleted_keys.add(key)
+        body = {"eventType": "BILLING_DELETED", "createdAt": "x",
+                "data": {"billingKey": key, "reason": "카드사 요청"}}  # fmt: skip
+        self.outbox.append((self.next_id("whtrans"), None, body))
+
+    def op_serve_key_deletions(self, a: int, b: int) -> None:
+        rows = self.bl.service_rows("service_claim_key_deletions", self.next_id("w"), 100)
+        for i, row in enumerate(sorted(rows, key=lambda r: bytes(r["billing_key_ciphertext"]))):
+            # Never while a charge on the key may still be on its way.
+            assert not self.bl.scalar(
+                "select exists (select 1 from billing.charge_attempts where payment_method_id = %s"
+                " and status in ('queued', 'claimed', 'unknown'))",
+                (row["payment_method_id"],),
+            )
+            if (b + i) % 4 == 3:
+                self.bl.service(
+                    "service_record_key_deleted", row["key_deletion_id"], "COMMON_ERROR"
+                )
+                continue
+            key = bytes(row["billing_key_ciphertext"]).decode().removeprefix("ciphertext:")
+            self.toss.deleted_keys.add(key)
+            self.bl.service("service_record_key_deleted", row["key_deletion_id"])
+            body = {"eventType": "BILLING_DELETED", "createdAt": "x",
+                    "data": {"billingKey": key, "reason": "삭제 API 요청"}}  # fmt: skip
+            self.outbox.append((self.next_id("whtrans"), None, body))
+
+    def op_notifications(self, a: int, b: int) -> None:
+        for row in self.bl.service_rows("service_claim_notifications", self.next_id("w"), 100):
+            assert self.bl.service("service_record_notification_delivered", row["notification_id"])
+
+    # --- the end of an example: the service settles everything, the ledger agrees with Toss ---
+    def settle(self) -> None:
+        self.held.clear()
+        self.held_refunds.clear()
+        for _ in range(60):
+            self.bl.tick()
+            # The daily reconciliation first: approvals the ledger missed may need refunds.
+            known = self.bl.scalar("select count(*) from billing.payments")
+            self.op_reconcile(0, 0)
+            busy = self.bl.scalar("select count(*) from billing.payments") != known
+            for row in self.claim_sorted(self.next_id("settle")):
+                seen = (
+                    self.toss_charge(row, "ok")
+                    if row["mode"] == "charge"
+                    else self.toss_lookup(row, "answer")
+                )
+                self.record(row["attempt_id"], seen, ())
+                busy = True
+            for row in self.bl.service_rows("service_claim_refunds", self.next_id("settle"), 100):
+                self.record_refund(row["refund_id"], self.toss_cancel(row, "ok"), ())
+                busy = True
+            while self.outbox:
+                self.ingest(*self.outbox.pop(0))
+            for row in self.bl.service_rows("service_claim_webhooks", self.next_id("settle"), 100):
+                self.bl.service(
+                    "service_record_webhook_result",
+                    row["webhook_event_id"],
+                    self.process_webhook(row),
+                )
+                busy = True
+            self.op_serve_key_deletions(0, 0)
+            self.check()
+            if busy:
+                continue
+            due = self.bl.scalar(
+                """select min(t) from (
+                     select min(not_before) t from billing.charge_attempts
+                      where status in ('queued', 'unknown')
+                     union all select min(lease_expires_at) from billing.charge_attempts
+                      where status = 'claimed'
+                     union all select min(not_before) from billing.refunds
+                      where status = 'requested'
+                     union all select min(lease_expires_at) from billing.refunds
+                      where status = 'claimed'
+                     union all select min(not_before) from billing.webhook_events
+                      where status = 'received'
+                     union all select min(lease_expires_at) from billing.webhook_events
+                      where status = 'processing'
+                   ) due"""
+            )
+            if due is None:
+                break
+            self.bl.set_clock(max(due, self.now()) + MINUTE)
+        self.check()
+
+        # Every payment Toss approved is in the ledger, with Toss's balance.
+        ledger = {r["payment_key"]: r for r in self.bl.all("select * from billing.payments")}
+        assert {k: r["balance_amount"] for k, r in ledger.items()} == {
+            k: p["balanceAmount"] for k, p in self.toss.by_key.items()
+        }
+        assert (
+            self.bl.all("select id from billing.refunds where status in ('requested', 'claimed')")
+            == []
+        )
+        # A charge that must not stand was given back, unless Toss refused the refund (alerted).
+        unrefunded = [r for r in ledger.values() if not r["applied"] and r["balance_amount"] > 0]
+        if unrefunded:
+            assert self.rejected_refunds > 0
+            assert "refund failed" in {
+                r["topic"]
+                for r in self.bl.all(
+                    "select payload ->> 'topic' as topic from billing.notifications"
+                    " where kind = 'alert'"
+                )
+            }
+        # No period was charged twice at Toss, except after Toss answered "declined" to a charge
+        # it had approved (which reconciliation finds and refunds).
+        for period, n in self.approvals.items():
+            assert n <= 1 + self.anomalies[period], (period, n)
+        summary = self.bl.one(
+            """select (select max(period_index) from billing.billing_periods) as periods,
+                      (select count(*) from billing.charge_attempts where status = 'duplicate')
+                        as duplicates,
+                      (select count(*) from billing.payments where not applied) as unapplied,
+                      (select count(*) from billing.refunds where status = 'succeeded') as refunds,
+                      (select count(*) from billing.subscriptions where past_due_since is not null
+                          or status = 'unpaid') as dunned,
+                      (select count(*) from billing.key_deletions where status = 'deleted')
+                        as keys_deleted,
+                      (select count(*) from billing.payment_methods where status = 'deleted'
+                          and status_reason like 'deleted at Toss:%') as keys_deleted_by_issuer"""
+        )
+        for name, n in summary.items():
+            event(f"{name}: {'0' if not n else '1' if n == 1 else '2+'}")
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(start=st.sampled_from(STARTS), ops=st.lists(op_strategy(), min_size=20, max_size=40))
+def test_random_interleavings_keep_every_invariant(
+    rt: Runtime, template: str, start: datetime, ops: list[tuple[str, int, int]]
+) -> None:
+    dbname = testdb.clone(rt, template)
+    run = Run(rt, dbname, start)
+    try:
+        for a in range(2):  # two subscribers to start with; more come and go
+            run.op_register(a, 0)
+        run.check()
+        for name, a, b in ops:
+            getattr(run, f"op_{name}")(a, b)
+            run.check()
+        run.settle()
+    finally:
+        run.close()
+        testdb.drop(rt, dbname)
