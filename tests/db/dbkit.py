@@ -70,6 +70,27 @@ AUDIT_GAPS = "\nunion all".join(
 )
 
 
+# Periods anchored on 2027-12-31 10:00 KST, written out by hand: month ends clamp (Feb 29 in the
+# leap year 2028, Feb 28 in 2029) and every other month returns to the 31st.
+ANCHOR_31_PERIOD_STARTS = [
+    "2027-12-31 10:00",
+    "2028-01-31 10:00",
+    "2028-02-29 10:00",
+    "2028-03-31 10:00",
+    "2028-04-30 10:00",
+    "2028-05-31 10:00",
+    "2028-06-30 10:00",
+    "2028-07-31 10:00",
+    "2028-08-31 10:00",
+    "2028-09-30 10:00",
+    "2028-10-31 10:00",
+    "2028-11-30 10:00",
+    "2028-12-31 10:00",
+    "2029-01-31 10:00",
+    "2029-02-28 10:00",
+]
+
+
 def kst(*args: int) -> datetime:
     """A wall-clock time in Asia/Seoul."""
     return datetime(*args, tzinfo=SEOUL)  # type: ignore[misc]

@@ -8,7 +8,7 @@ import calendar
 from datetime import datetime, time, timedelta
 
 import psycopg
-from dbkit import SEOUL
+from dbkit import ANCHOR_31_PERIOD_STARTS, SEOUL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -64,23 +64,7 @@ def test_anchor_31_walks_the_month_ends(conn: psycopg.Connection[tuple[object, .
     anchor = datetime(2027, 12, 31, 10, 0, tzinfo=SEOUL)
     got = sql_starts(conn, [anchor], 14)
     local_days = [got[0, n].astimezone(SEOUL).strftime("%Y-%m-%d %H:%M") for n in range(15)]
-    assert local_days == [
-        "2027-12-31 10:00",
-        "2028-01-31 10:00",
-        "2028-02-29 10:00",
-        "2028-03-31 10:00",
-        "2028-04-30 10:00",
-        "2028-05-31 10:00",
-        "2028-06-30 10:00",
-        "2028-07-31 10:00",
-        "2028-08-31 10:00",
-        "2028-09-30 10:00",
-        "2028-10-31 10:00",
-        "2028-11-30 10:00",
-        "2028-12-31 10:00",
-        "2029-01-31 10:00",
-        "2029-02-28 10:00",
-    ]
+    assert local_days == ANCHOR_31_PERIOD_STARTS
 
 
 def test_leap_day_anchor_and_century(conn: psycopg.Connection[tuple[object, ...]]) -> None:

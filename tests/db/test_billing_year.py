@@ -11,7 +11,16 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from dbkit import SEOUL, Billing, FakeToss, Row, kst, raises_sqlstate, sha256_hex
+from dbkit import (
+    ANCHOR_31_PERIOD_STARTS,
+    SEOUL,
+    Billing,
+    FakeToss,
+    Row,
+    kst,
+    raises_sqlstate,
+    sha256_hex,
+)
 
 START = kst(2027, 12, 31, 10, 0)
 END = kst(2029, 1, 2, 0, 0)
@@ -442,21 +451,7 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
     }
 
     alice = periods(bl, sub_of(bl, "alice")["id"])
-    assert local_dates(alice) == [
-        "2027-12-31 10:00",
-        "2028-01-31 10:00",
-        "2028-02-29 10:00",
-        "2028-03-31 10:00",
-        "2028-04-30 10:00",
-        "2028-05-31 10:00",
-        "2028-06-30 10:00",
-        "2028-07-31 10:00",
-        "2028-08-31 10:00",
-        "2028-09-30 10:00",
-        "2028-10-31 10:00",
-        "2028-11-30 10:00",
-        "2028-12-31 10:00",
-    ]
+    assert local_dates(alice) == ANCHOR_31_PERIOD_STARTS[:13]
     assert [p["status"] for p in alice] == ["paid"] * 13
     assert [p["amount"] for p in alice] == [9900] * 7 + [10900] * 6
     alice_p3 = bl.one("select * from billing.payments where id = %s", (checks["alice_p3_payment"],))
