@@ -269,11 +269,13 @@ begin
   if not found then
     raise exception 'no live subscription to cancel' using errcode = 'SB404';
   end if;
-  if s.status = 'active' then
+  -- Access continues only until the end of a period that was paid for. An active subscription
+  -- whose renewal is still being charged has no such period left: it ends now like an unpaid one.
+  if s.status = 'active' and exists (select 1 from billing.billing_periods bp
+                                      where bp.id = s.current_period_id and bp.status = 'paid') then
     if s.cancel_at_period_end then
       return billing.subscription_json(s.id);
     end if;
-    -- Access continues until the paid period ends.
     update billing.subscriptions su
        set cancel_at_period_end = true, cancel_requested_at = v_now, status_reason = 'cancel requested by subscriber'
      where su.id = s.id and su.status = 'active' and not su.cancel_at_period_end
@@ -282,9 +284,11 @@ begin
       pg_catalog.jsonb_build_object('endsAt', s.current_period_ends_at));
   else
     -- Nothing paid for the current period: end now rather than keep charging a leaving subscriber.
+    -- An attempt already on its way to Toss cannot be withdrawn; if it is approved, the late charge
+    -- is refunded in full, and a decline finds no live subscription to dun.
     update billing.subscriptions su
        set cancel_requested_at = v_now
-     where su.id = s.id and su.status in ('incomplete', 'past_due');
+     where su.id = s.id and su.status in ('incomplete', 'active', 'past_due');
     perform billing.end_subscription(s.id, 'canceled', 'void', 'canceled by subscriber while ' || s.status);
   end if;
   return billing.subscription_json(s.id);
@@ -293,9 +297,10 @@ $$;
 revoke execute on function api.cancel_subscription() from public;
 grant execute on function api.cancel_subscription() to authenticated;
 comment on function api.cancel_subscription() is
-  'Subscriber: cancels the caller''s subscription — at the end of the paid period when active '
-  '(repeating it changes nothing), at once when incomplete or past_due (nothing was paid for the '
-  'period). Returns the subscription. authenticated only. Raises SB401, SB404 (no live subscription).';
+  'Subscriber: cancels the caller''s subscription — at the end of the current period when it is paid '
+  '(repeating it changes nothing), at once when the current period is unpaid (incomplete, past_due, '
+  'or a renewal still being charged). Returns the subscription. authenticated only. Raises SB401, '
+  'SB404 (no live subscription).';
 
 create function api.resume_subscription()
 returns jsonb

@@ -219,6 +219,43 @@ def test_a_key_deleted_during_a_pending_renewal_ends_in_dunning(
     assert sub_row(bl, done["subscriptionId"])["status"] == "canceled"
 
 
+def test_cancelling_while_a_renewal_is_unsent_ends_now_and_charges_nothing(
+    bl: Billing, toss: FakeToss
+) -> None:
+    """The paid period is over: cancelling must not leave a month of free access, nor a charge."""
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renewal = renew(bl, done)
+    bl.api("u", "cancel_subscription")
+    s = sub_row(bl, done["subscriptionId"])
+    assert (s["status"], s["cancel_at_period_end"]) == ("canceled", False)
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "void")]
+    status = "select status::text from billing.charge_attempts where id = %s"
+    assert bl.scalar(status, (renewal["id"],)) == "canceled"
+    assert bl.claim() == []
+    assert len(toss.payments) == 1
+
+
+def test_cancelling_while_a_renewal_is_in_flight_never_leads_to_dunning(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    row = claim_one(bl)  # the charge is on its way to Toss and cannot be withdrawn
+    bl.api("u", "cancel_subscription")
+    assert sub_row(bl, done["subscriptionId"])["status"] == "canceled"
+    bl.service(
+        "service_record_charge_failure", row["attempt_id"], "REJECT_CARD_PAYMENT", "", "decline"
+    )
+    for days in (1, 3, 5, 7, 30):
+        bl.set_clock(START + timedelta(days=31 + days))
+        bl.tick()
+        assert bl.claim() == [], f"a canceled subscriber was charged again after {days} days"
+    assert sub_row(bl, done["subscriptionId"])["status"] == "canceled"
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "void")]
+
+
 def test_a_resend_for_a_period_paid_meanwhile_is_looked_up_not_charged(
     bl: Billing, toss: FakeToss
 ) -> None:

@@ -343,10 +343,15 @@ class Run:
         if b % 2:
             return  # changed their mind before pressing the button (keeps subscribers around)
         live = self.live_subscription(user)
+        paid = live is not None and self.bl.scalar(
+            "select status = 'paid' from billing.billing_periods where id = %s",
+            (live["current_period_id"],),
+        )
         out, err = self.attempt(lambda: self.bl.api(user, "cancel_subscription"), ("SB404",))
         assert (err is None) == (live is not None)
         if live is not None:
-            if live["status"] == "active":
+            # Access runs to the end of a paid period; with nothing paid for it, it ends now.
+            if live["status"] == "active" and paid:
                 assert (out["status"], out["cancelAtPeriodEnd"]) == ("active", True)
             else:
                 assert out["status"] == "canceled"
