@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -76,8 +77,108 @@ def _supervise(args: argparse.Namespace) -> int:
 
 def _sandbox(args: argparse.Namespace) -> int:
     from service.sandbox.app import serve
+    from service.sandbox.merchants import load_specs
 
-    serve(host=args.host, port=args.port, webhook_url=args.webhook_url, seed=args.seed)
+    try:
+        specs = load_specs(args.secret_key, args.secret_keys_file, dict(os.environ))
+        serve(
+            host=args.host,
+            port=args.port,
+            webhook_url=args.webhook_url,
+            seed=args.seed,
+            secret_keys=specs or None,
+            rate_limit=None if args.no_rate_limit else args.rate_limit,
+            record_failed_charges=args.record_failed_charges,
+            cancel_webhooks=args.cancel_webhooks,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"saju-billing sandbox: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _service(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service import logs
+    from service.app import build_app
+    from service.settings import SettingsError, load
+
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(f"saju-billing service: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level)
+    # uvicorn's access log would print query strings (the success redirect's authKey).
+    uvicorn.run(
+        build_app(settings),
+        host=args.host,
+        port=args.port,
+        ws="none",
+        log_config=None,
+        access_log=False,
+    )
+    return 0
+
+
+def _configure(args: argparse.Namespace) -> int:
+    import secrets
+
+    import psycopg
+
+    from service import db
+
+    token = args.doorbell_token or secrets.token_urlsafe(32)
+    try:
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            result = db.run_sync(conn, db.ops_configure_doorbell(args.service_url, token))
+    except db.BillingError as exc:
+        print(f"saju-billing configure: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    if not args.doorbell_token:
+        # Shown once, for the service's SAJU_DOORBELL_TOKEN; it is stored only in Vault.
+        print(f"SAJU_DOORBELL_TOKEN={token}")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from service.crypto import Keyring
+
+    print(f"{args.key_id}:{Keyring.generate_key()}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    """Re-seals every stored billing key under the active key id, online and resumable."""
+    import psycopg
+
+    from service import db
+    from service.settings import SettingsError, load
+
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(f"saju-billing keys rotate: {exc}", file=sys.stderr)
+        return 2
+    keyring = settings.keyring()
+    rotated = 0
+    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+        db.run_sync(conn, db.set_role(settings.db_role))
+        while batch := db.run_sync(conn, db.service_keys_to_rotate(keyring.active_key_id, 100)):
+            for m in batch:
+                sealed = keyring.reseal(
+                    m.billing_key_ciphertext, m.billing_key_key_id, m.customer_key
+                )
+                result = db.run_sync(
+                    conn,
+                    db.service_record_key_rotated(
+                        m.payment_method_id, m.billing_key_key_id, sealed
+                    ),
+                )
+                rotated += result.changed
+    print(json.dumps({"rotated": rotated, "activeKeyId": keyring.active_key_id}))
     return 0
 
 
@@ -103,7 +204,65 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--port", type=int, default=8100)
     sb.add_argument("--webhook-url", default=None, help="where to deliver Toss-style webhooks")
     sb.add_argument("--seed", type=int, default=0, help="seed for injected fault rates")
+    sb.add_argument(
+        "--secret-key",
+        action="append",
+        default=[],
+        metavar="KEY[:KEY...]",
+        help="a merchant's keys (e.g. test_ck_…:test_sk_…); repeat for more merchants; "
+        "also read from --secret-keys-file and $SAJU_SANDBOX_SECRET_KEYS "
+        "(default: the docs' test keys)",
+    )
+    sb.add_argument("--secret-keys-file", default=None, help="merchant specs, one per line")
+    sb.add_argument(
+        "--rate-limit",
+        type=int,
+        default=100,
+        help="requests per minute per test secret key and API (default: Toss's 100)",
+    )
+    sb.add_argument("--no-rate-limit", action="store_true", help="turn the rate limit off")
+    sb.add_argument(
+        "--record-failed-charges",
+        action="store_true",
+        help="keep a failed charge as an ABORTED payment findable by orderId",
+    )
+    sb.add_argument(
+        "--cancel-webhooks",
+        choices=["status_change", "every_cancel", "none"],
+        default="status_change",
+        help="when a cancel sends PAYMENT_STATUS_CHANGED (default: on a status change)",
+    )
     sb.set_defaults(func=_sandbox)
+
+    svc = sub.add_parser("service", help="run the billing service (settings from SAJU_* variables)")
+    svc.add_argument("--host", default="127.0.0.1")
+    svc.add_argument("--port", type=int, default=8000)
+    svc.add_argument("--log-level", default="info")
+    svc.set_defaults(func=_service)
+
+    cf = sub.add_parser("configure", help="point billing.tick's doorbell at the service (Vault)")
+    cf.add_argument(
+        "--service-url", required=True, help="the service's base URL, seen from Postgres"
+    )
+    cf.add_argument("--doorbell-token", default=None, help="default: a new random token")
+    cf.add_argument(
+        "--database-url",
+        default=os.environ.get(
+            "DATABASE_URL", "postgresql://postgres:postgres@127.0.0.1:54322/postgres"
+        ),
+        help="the database, as its owner (postgres); default: $DATABASE_URL or the local runtime",
+    )
+    cf.set_defaults(func=_configure)
+
+    keys = sub.add_parser("keys", help="billing-key encryption keys")
+    keys_sub = keys.add_subparsers(dest="keys_action", required=True)
+    gen = keys_sub.add_parser("generate", help="print a new keyring entry id:base64key")
+    gen.add_argument("key_id")
+    gen.set_defaults(func=_keys)
+    rot = keys_sub.add_parser(
+        "rotate", help="re-seal every stored billing key under SAJU_BILLING_ACTIVE_KEY_ID"
+    )
+    rot.set_defaults(func=_rotate)
     return parser
 
 

@@ -63,13 +63,23 @@ def test_revisions_form_one_chain_in_file_order() -> None:
 
 def test_migrations_are_supabase_safe() -> None:
     for f in SQL_FILES:
-        text = f.read_text().lower()
-        assert "concurrently" not in text, f"{f.name}: CONCURRENTLY cannot run in a transaction"
-        assert "insert into vault.secrets" not in text, f"{f.name}: use vault.create_secret"
-        for stmt in ("\ncommit;", "\nbegin;"):
-            assert stmt not in text, f"{f.name}: {stmt.strip()!r} breaks the Supabase runner"
-        # pg_cron 1.4.2 (local) has minute schedules only; '30 seconds' needs 1.5+.
-        assert not re.search(r"cron\.schedule\([^;]*seconds", text), f"{f.name}: seconds schedule"
+        code = re.sub(r"--[^\n]*", "", f.read_text())  # what comments say does not run
+        assert not re.search(r"\bconcurrently\b", code, re.I), f"{f.name}: CONCURRENTLY"
+        assert not re.search(
+            r"^\s*(commit|begin|start transaction|rollback)\s*;", code, re.I | re.M
+        ), f"{f.name}: transaction control breaks the Supabase runner"
+        assert not re.search(r"insert\s+into\s+vault\.", code, re.I), f"{f.name}: use create_secret"
+        # pg_cron 1.4.2 (local) has five-field minute schedules only ('30 seconds' needs 1.5+).
+        for schedule in re.findall(r"cron\.schedule\(\s*'[^']*'\s*,\s*'([^']*)'", code):
+            assert len(schedule.split()) == 5, (f.name, schedule)
+        assert not re.search(r"(test_sk_|live_sk_|test_ck_|live_ck_)", code), f"{f.name}: a key"
+
+
+def test_the_tick_is_scheduled_every_minute() -> None:
+    text = "\n".join(f.read_text() for f in SQL_FILES)
+    assert (
+        "select cron.schedule('saju-billing-tick', '* * * * *', 'select billing.tick()');" in text
+    )
 
 
 def _schema_dump(rt: Runtime, db: str) -> str:
@@ -158,3 +168,31 @@ def test_alembic_records_head_and_is_idempotent(rt: Runtime, dbname: str) -> Non
     with psycopg.connect(rt.dsn(dbname)) as conn:
         row = conn.execute("select version_num from public.alembic_version").fetchone()
     assert row == (head,)
+
+
+def test_every_function_is_documented_and_locked_down(
+    conn: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    undocumented = conn.execute(
+        """select p.oid::regprocedure::text from pg_proc p
+            where p.pronamespace in ('billing'::regnamespace, 'api'::regnamespace)
+              and obj_description(p.oid, 'pg_proc') is null"""
+    ).fetchall()
+    assert undocumented == []
+    public_exec = conn.execute(
+        """select p.oid::regprocedure::text from pg_proc p
+            where p.pronamespace in ('billing'::regnamespace, 'api'::regnamespace)
+              and has_function_privilege('public', p.oid, 'execute')"""
+    ).fetchall()
+    assert public_exec == []
+    definer_without_path = conn.execute(
+        """select p.oid::regprocedure::text from pg_proc p
+            where p.pronamespace in ('billing'::regnamespace, 'api'::regnamespace)
+              and p.prosecdef and not coalesce(p.proconfig @> array['search_path=""'], false)"""
+    ).fetchall()
+    assert definer_without_path == []
+    unnamed = conn.execute(
+        """select conrelid::regclass::text, conname from pg_constraint
+            where connamespace = 'billing'::regnamespace and conname !~ '_(pkey|key|fkey|check)$'"""
+    ).fetchall()
+    assert unnamed == []

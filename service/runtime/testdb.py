@@ -7,6 +7,7 @@ ever connects to it (a connected template cannot be cloned).
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def _exists(conn: psycopg.Connection[TupleRow], name: str) -> bool:
 
 def clone(rt: Runtime, template: str, prefix: str = "test") -> str:
     """Create a fresh database from ``template``; returns its name."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    # The creating process's pid is in the name, so a sweep leaves other live runs alone.
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
     with rt.connect("template1") as conn:
         conn.execute(
             sql.SQL("create database {} owner postgres template {}").format(
@@ -100,13 +102,26 @@ def migrated_template(rt: Runtime) -> str:
             lock_conn.execute("select pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sweep(rt: Runtime, prefix: str = "test") -> None:
-    """Drop test databases left behind by interrupted runs."""
+    """Drop test databases left behind by runs that ended (a concurrent run keeps its own)."""
     with rt.connect("template1") as conn:
         rows = conn.execute(
             "select datname from pg_database where datname like %s", (f"{prefix}\\_%",)
         ).fetchall()
         for (name,) in rows:
+            owner = str(name).split("_")[1]
+            if owner.isdigit() and _alive(int(owner)):
+                continue
             _drop(conn, str(name))
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -22,10 +22,16 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from service import db
+from service.crypto import Keyring
 from service.runtime.cluster import Runtime
 
 SEOUL = ZoneInfo("Asia/Seoul")
 Row = dict[str, Any]
+T = TypeVar("T")
+
+# A test keyring: billing keys reach the database only as the service's envelopes.
+KEYRING = Keyring({"test-k1": bytes(range(32))}, "test-k1")
 
 # Tables whose rows have a status; each transition is copied into billing.events.
 STATEFUL = (
@@ -101,8 +107,11 @@ def sha256_hex(text: str) -> str:
 
 
 @contextlib.contextmanager
-def raises_sqlstate(code: str) -> Iterator[pytest.ExceptionInfo[psycopg.Error]]:
-    with pytest.raises(psycopg.Error) as info:
+def raises_sqlstate(
+    code: str,
+) -> Iterator[pytest.ExceptionInfo[psycopg.Error | db.BillingError]]:
+    """A database refusal with this SQLSTATE, raw (owner and api calls) or through service/db.py."""
+    with pytest.raises((psycopg.Error, db.BillingError)) as info:
         yield info
     assert info.value.sqlstate == code, f"expected {code}, got {info.value.sqlstate}: {info.value}"
 
@@ -180,15 +189,9 @@ class Billing:
         return self.all(AUDIT_GAPS)
 
     # --- service ----------------------------------------------------------------------------
-    def service(self, fn: str, *args: Any, **kwargs: Any) -> Any:
-        sql = _call_sql("billing", fn, args, kwargs, rows=False)
-        params = [_adapt(a) for a in (*args, *kwargs.values())]
-        return self.svc.execute(sql, params).fetchone()["result"]  # type: ignore[index]
-
-    def service_rows(self, fn: str, *args: Any, **kwargs: Any) -> list[Row]:
-        sql = _call_sql("billing", fn, args, kwargs, rows=True)
-        params = [_adapt(a) for a in (*args, *kwargs.values())]
-        return self.svc.execute(sql, params).fetchall()
+    def run(self, call: db.Call[T]) -> T:
+        """Runs a service call from service/db.py as the role billing_service."""
+        return db.run_sync(self.svc, call)
 
     # --- subscribers ------------------------------------------------------------------------
     def api(
@@ -216,30 +219,61 @@ class Billing:
         """A subscriber registers a card and the service records the issued billing key."""
         reg = self.api(sub, "begin_registration", "pro", claims={"email": f"{sub}@example.com"})
         billing_key = key or f"bk_{uuid.uuid4().hex}"
-        done = self.service(
-            "service_complete_registration",
-            reg["customerKey"],
-            b"ciphertext:" + billing_key.encode(),
-            "k1",
-            sha256_hex(billing_key),
-            {
-                "card": {
-                    "number": card_no,
-                    "issuerCode": "61",
-                    "cardType": "신용",
-                    "ownerType": "개인",
-                }
-            },
+        done = self.run(
+            db.service_complete_registration(
+                reg["customerKey"],
+                KEYRING.seal(billing_key, reg["customerKey"]),
+                {
+                    "card": {
+                        "number": card_no,
+                        "issuerCode": "61",
+                        "cardType": "신용",
+                        "ownerType": "개인",
+                    }
+                },
+            )
         )
-        return {**done, "customerKey": reg["customerKey"], "billingKey": billing_key}
+        return {
+            "registrationId": done.registration_id,
+            "subscriptionId": done.subscription_id,
+            "paymentMethodId": done.payment_method_id,
+            "attemptId": done.attempt_id,
+            "replacedPaymentMethodId": done.replaced_payment_method_id,
+            "customerKey": reg["customerKey"],
+            "billingKey": billing_key,
+        }
 
-    def claim(self, worker: str = "w", batch: int = 10) -> list[Row]:
-        return self.service_rows("service_claim_attempts", worker, batch)
+    def claim(self, worker: str = "w", batch: int = 10) -> list[db.ClaimedAttempt]:
+        return self.run(db.service_claim_attempts(worker, batch))
+
+
+# Toss's error answers as the service classifies them: (code, message, billing.failure_class).
+TOSS_FAILURES: dict[str, tuple[str, str, str]] = {
+    # Not processed (409, 429): the same request goes again under the same key.
+    "busy": ("IDEMPOTENT_REQUEST_PROCESSING", "이전 멱등 요청이 처리중입니다.", "unprocessed"),
+    "throttled": ("TOO_MANY_REQUESTS", "요청이 너무 많습니다.", "unprocessed"),
+    # Processed, failed for a passing reason: the key replays it; look up, then a new attempt.
+    "transient": ("FAILED_INTERNAL_SYSTEM_PROCESSING", "잠시 후 다시 시도해주세요.", "transient"),
+    "provider": ("PROVIDER_ERROR", "일시적인 오류가 발생했습니다.", "transient"),
+    "refund_failed": ("FAILED_REFUND_PROCESS", "환불 처리에 실패했습니다.", "transient"),
+    # Toss's state may differ from ours: look the order up first.
+    "duplicated": (
+        "DUPLICATED_ORDER_ID",
+        "이미 승인 및 취소가 진행된 중복된 주문번호",
+        "reconcile",
+    ),
+    "decline": ("REJECT_CARD_PAYMENT", "한도초과 혹은 잔액부족", "decline"),
+    "dead": ("INVALID_STOPPED_CARD", "정지된 카드", "needs_new_card"),
+    "removed": ("ALREADY_REMOVED_BILLING_KEY", "이미 삭제된 빌링키입니다", "needs_new_card"),
+    "rejected": ("REFUND_REJECTED", "환불이 거절되었습니다.", "decline"),
+    "bug": ("NOT_MATCHES_CUSTOMER_KEY", "customerKey 불일치", "bug"),
+}
 
 
 @dataclass
 class FakeToss:
-    """Approvals and cancels as Toss reports them (Payment JSON), with idempotent replays."""
+    """Approvals and cancels as Toss reports them (Payment JSON), with idempotent replays, and
+    its error answers with the class the service gives them (``failure``)."""
 
     billing: Billing
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)  # by orderId
@@ -305,3 +339,8 @@ class FakeToss:
 
     def snapshot(self, payment_key: str) -> dict[str, Any]:
         return json.loads(json.dumps(self.by_key[payment_key]))
+
+    @staticmethod
+    def failure(kind: str) -> tuple[str, str, str]:
+        """An error answer: (code, message, classification), see TOSS_FAILURES."""
+        return TOSS_FAILURES[kind]

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from dbkit import Billing, FakeToss, Row, kst, raises_sqlstate
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
+from service import db
 from service.runtime.cluster import Runtime
 
 
@@ -58,7 +58,7 @@ def run_blocked(
             try:
                 result["value"] = second_call(c)
                 c.commit()
-            except psycopg.Error as exc:
+            except (psycopg.Error, db.BillingError) as exc:
                 result["error"] = exc
 
     t = threading.Thread(target=worker)
@@ -73,19 +73,6 @@ def run_blocked(
     return result["value"]
 
 
-def call(c: psycopg.Connection[Row], fn: str, *args: Any) -> Any:
-    params = ", ".join(["%s"] * len(args))
-    adapted = [Jsonb(a) if isinstance(a, dict | list) else a for a in args]
-    row = c.execute(f"select billing.{fn}({params}) as result", adapted).fetchone()
-    assert row is not None
-    return row["result"]
-
-
-def rows(c: psycopg.Connection[Row], fn: str, *args: Any) -> list[Row]:
-    params = ", ".join(["%s"] * len(args))
-    return c.execute(f"select * from billing.{fn}({params})", list(args)).fetchall()  # noqa: S608
-
-
 @pytest.fixture
 def twelve(bl: Billing) -> list[dict[str, Any]]:
     """Twelve subscribers whose first charges are due."""
@@ -95,13 +82,22 @@ def twelve(bl: Billing) -> list[dict[str, Any]]:
 
 # --- claims: a locked row is skipped, never handed out twice -------------------------------------
 
-CLAIMS = {
-    "service_claim_attempts": "attempt_id",
-    "service_claim_refunds": "refund_id",
-    "service_claim_webhooks": "webhook_event_id",
-    "service_claim_key_deletions": "key_deletion_id",
-    "service_claim_notifications": "notification_id",
+ClaimCall = Callable[[str, int], db.Call[list[Any]]]
+
+# Each queue's claim call (from service/db.py) and the attribute naming the claimed row.
+CLAIMS: dict[str, tuple[ClaimCall, str]] = {
+    "service_claim_attempts": (db.service_claim_attempts, "attempt_id"),
+    "service_claim_refunds": (db.service_claim_refunds, "refund_id"),
+    "service_claim_webhooks": (db.service_claim_webhooks, "webhook_event_id"),
+    "service_claim_key_deletions": (db.service_claim_key_deletions, "key_deletion_id"),
+    "service_claim_notifications": (db.service_claim_notifications, "notification_id"),
 }
+
+
+def approve(bl: Billing, toss: FakeToss, row: db.ClaimedAttempt) -> db.Recorded:
+    """Toss approves a claimed charge and the service records it."""
+    payment = toss.approve(row.order_id, row.amount)
+    return bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, payment))
 
 
 def make_work(bl: Billing, toss: FakeToss, kind: str) -> int:
@@ -113,10 +109,9 @@ def make_work(bl: Billing, toss: FakeToss, kind: str) -> int:
         for i in range(4):
             bl.register(f"r-{i}")
         for row in bl.claim("setup", 10):
-            p = toss.approve(row["order_id"], row["amount"])
-            bl.service("service_record_charge_success", row["attempt_id"], p)
+            approve(bl, toss, row)
             pay = bl.scalar(
-                "select id from billing.payments where attempt_id = %s", (row["attempt_id"],)
+                "select id from billing.payments where attempt_id = %s", (row.attempt_id,)
             )
             for amount in (1000, 2000, 3000):
                 bl.billing("request_refund", pay, amount, "partial")
@@ -124,12 +119,12 @@ def make_work(bl: Billing, toss: FakeToss, kind: str) -> int:
         return n
     if kind == "service_claim_webhooks":
         for i in range(12):
-            bl.service_rows(
-                "service_ingest_webhook",
-                f"whtrans_{i}",
-                "PAYMENT_STATUS_CHANGED",
-                {"eventType": "PAYMENT_STATUS_CHANGED", "data": {"paymentKey": f"pk_{i}"}},
-                {},
+            bl.run(
+                db.service_ingest_webhook(
+                    f"whtrans_{i}",
+                    "PAYMENT_STATUS_CHANGED",
+                    {"eventType": "PAYMENT_STATUS_CHANGED", "data": {"paymentKey": f"pk_{i}"}},
+                )
             )
         return 12
     if kind == "service_claim_key_deletions":
@@ -141,14 +136,12 @@ def make_work(bl: Billing, toss: FakeToss, kind: str) -> int:
         for i in range(8):
             bl.register(f"n-{i}")
         for row in bl.claim("setup", 10):
-            bl.service(
-                "service_record_charge_failure",
-                row["attempt_id"],
-                "REJECT_CARD_PAYMENT",
-                "x",
-                "decline",
+            bl.run(
+                db.service_record_charge_failure(
+                    row.attempt_id, row.lease_token, "REJECT_CARD_PAYMENT", "x", "decline"
+                )
             )
-        return bl.scalar("select count(*) from billing.notifications")
+        return bl.scalar("select count(*) from billing.notifications")  # type: ignore[no-any-return]
     raise AssertionError(kind)
 
 
@@ -159,20 +152,23 @@ def test_two_workers_never_claim_the_same_row(
     bl.enable_clock(kst(2028, 1, 10, 10, 0))
     total = make_work(bl, toss, claim)
     assert total >= 6
-    key = CLAIMS[claim]
+    claim_call, key = CLAIMS[claim]
     with service_session(rt, dbname) as a, service_session(rt, dbname) as b:
-        first = rows(a, claim, "worker-a", 5)  # a's transaction stays open: rows locked
-        second = rows(b, claim, "worker-b", 100)  # must skip a's rows, not wait for them
+        first = db.run_sync(a, claim_call("worker-a", 5))  # a's transaction stays open: locked
+        second = db.run_sync(b, claim_call("worker-b", 100))  # must skip a's rows, not wait
         b.commit()
         a.commit()
-        third = rows(b, claim, "worker-c", 100)  # leases held: nothing left
+        third = db.run_sync(b, claim_call("worker-c", 100))  # leases held: nothing left
         b.commit()
-    got_a = {r[key] for r in first}
-    got_b = {r[key] for r in second}
+    got_a = {getattr(r, key) for r in first}
+    got_b = {getattr(r, key) for r in second}
     assert len(got_a) == 5
     assert len(got_b) == total - 5
     assert got_a.isdisjoint(got_b)
     assert third == []
+    # Every claim carries its own fencing token.
+    tokens = [r.lease_token for r in [*first, *second]]
+    assert len(set(tokens)) == len(tokens)
 
 
 def test_racing_workers_split_all_attempts(
@@ -185,8 +181,8 @@ def test_racing_workers_split_all_attempts(
         with service_session(rt, dbname) as c:
             c.autocommit = True
             barrier.wait()
-            while batch := rows(c, "service_claim_attempts", f"w{i}", 1):
-                claimed[i].extend(r["attempt_id"] for r in batch)
+            while batch := db.run_sync(c, db.service_claim_attempts(f"w{i}", 1)):
+                claimed[i].extend(r.attempt_id for r in batch)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
     for t in threads:
@@ -196,7 +192,7 @@ def test_racing_workers_split_all_attempts(
     everything = [a for w in claimed for a in w]
     assert len(everything) == 12
     assert len(set(everything)) == 12
-    assert {str(a) for a in everything} == {r["attemptId"] for r in twelve}
+    assert set(everything) == {r["attemptId"] for r in twelve}
 
 
 # --- recording the same result twice applies it once ---------------------------------------------
@@ -206,19 +202,14 @@ def test_concurrent_identical_success_applies_once(
     bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     row = bl.claim("w", 1)[0]
-    payment = toss.approve(row["order_id"], row["amount"])
+    payment = toss.approve(row.order_id, row.amount)
+    record = db.service_record_charge_success(row.attempt_id, row.lease_token, payment)
     with service_session(rt, dbname) as first:
-        one = call(first, "service_record_charge_success", row["attempt_id"], payment)
-        two = run_blocked(
-            bl,
-            rt,
-            dbname,
-            first,
-            lambda c: call(c, "service_record_charge_success", row["attempt_id"], payment),
-        )
-    assert (one["replay"], two["replay"]) == (False, True)
-    assert two["paymentId"] == one["paymentId"]
-    sub = row["subscription_id"]
+        one = db.run_sync(first, record)
+        two = run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, record))
+    assert (one.changed, two.changed) == (True, False)
+    assert two.detail["paymentId"] == one.detail["paymentId"]
+    sub = row.subscription_id
     assert (
         bl.scalar("select count(*) from billing.payments where subscription_id = %s", (sub,)) == 1
     )
@@ -249,45 +240,39 @@ def test_concurrent_successes_of_two_attempts_pay_the_period_once(
     bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     for row in bl.claim("w", 12):
-        bl.service(
-            "service_record_charge_success",
-            row["attempt_id"],
-            toss.approve(row["order_id"], row["amount"]),
-        )
+        approve(bl, toss, row)
     bl.advance(timedelta(days=31))
     bl.tick()
     renewal, *others = bl.claim("w", 12)
     for row in others:
-        bl.service(
-            "service_record_charge_success",
-            row["attempt_id"],
-            toss.approve(row["order_id"], row["amount"]),
-        )
+        approve(bl, toss, row)
     # Toss approved the renewal but the service heard a decline; the dunning retry is approved too.
-    payment_a = toss.approve(renewal["order_id"], renewal["amount"])
-    bl.service(
-        "service_record_charge_failure",
-        renewal["attempt_id"],
-        "REJECT_CARD_PAYMENT",
-        "x",
-        "decline",
+    payment_a = toss.approve(renewal.order_id, renewal.amount)
+    bl.run(
+        db.service_record_charge_failure(
+            renewal.attempt_id, renewal.lease_token, "REJECT_CARD_PAYMENT", "x", "decline"
+        )
     )
     bl.advance(timedelta(days=1))
     retry = bl.claim("w", 1)[0]
-    assert retry["period_id"] == renewal["period_id"]
-    payment_b = toss.approve(retry["order_id"], retry["amount"])
+    assert retry.period_id == renewal.period_id
+    payment_b = toss.approve(retry.order_id, retry.amount)
     with service_session(rt, dbname) as first:
-        paid = call(first, "service_apply_payment_snapshot", payment_b)
+        paid = db.run_sync(first, db.service_apply_payment_snapshot(payment_b))
         late = run_blocked(
-            bl, rt, dbname, first, lambda c: call(c, "service_apply_payment_snapshot", payment_a)
+            bl,
+            rt,
+            dbname,
+            first,
+            lambda c: db.run_sync(c, db.service_apply_payment_snapshot(payment_a)),
         )
-    assert paid["applied"] is True
-    assert late["applied"] is False
-    assert late["attemptStatus"] == "duplicate"
+    assert paid.detail["applied"] is True
+    assert late.detail["applied"] is False
+    assert late.detail["attemptStatus"] == "duplicate"
     assert (
         bl.scalar(
             "select count(*) from billing.payments where period_id = %s and applied",
-            (renewal["period_id"],),
+            (renewal.period_id,),
         )
         == 1
     )
@@ -295,7 +280,7 @@ def test_concurrent_successes_of_two_attempts_pay_the_period_once(
         bl.scalar(
             "select count(*) from billing.charge_attempts where period_id = %s and status"
             " = 'succeeded'",
-            (renewal["period_id"],),
+            (renewal.period_id,),
         )
         == 1
     )
@@ -312,24 +297,20 @@ def test_concurrent_identical_decline_schedules_one_retry(
     bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]], toss: FakeToss
 ) -> None:
     for row in bl.claim("w", 12):
-        bl.service(
-            "service_record_charge_success",
-            row["attempt_id"],
-            toss.approve(row["order_id"], row["amount"]),
-        )
+        approve(bl, toss, row)
     bl.advance(timedelta(days=31))
     bl.tick()
     row = bl.claim("w", 1)[0]
-    args = (row["attempt_id"], "REJECT_CARD_PAYMENT", "limit", "decline")
+    record = db.service_record_charge_failure(
+        row.attempt_id, row.lease_token, "REJECT_CARD_PAYMENT", "limit", "decline"
+    )
     with service_session(rt, dbname) as first:
-        one = call(first, "service_record_charge_failure", *args)
-        two = run_blocked(
-            bl, rt, dbname, first, lambda c: call(c, "service_record_charge_failure", *args)
-        )
-    assert (one["changed"], two["changed"]) == (True, False)
+        one = db.run_sync(first, record)
+        two = run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, record))
+    assert (one.changed, two.changed) == (True, False)
     assert (
         bl.scalar(
-            "select count(*) from billing.charge_attempts where period_id = %s", (row["period_id"],)
+            "select count(*) from billing.charge_attempts where period_id = %s", (row.period_id,)
         )
         == 2
     )
@@ -337,7 +318,49 @@ def test_concurrent_identical_decline_schedules_one_retry(
         bl.scalar(
             "select count(*) from billing.notifications where subscription_id = %s and"
             " kind = 'payment_failed'",
-            (row["subscription_id"],),
+            (row.subscription_id,),
+        )
+        == 1
+    )
+
+
+def test_a_stale_lease_loses_the_race_to_the_new_holder(
+    bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
+) -> None:
+    """The first worker's lease ran out and a second worker holds the attempt: while the new
+    holder records its decline, the old holder's late decline waits, then is refused."""
+    old = bl.claim("w-old", 1)[0]
+    bl.advance(timedelta(minutes=3))
+    bl.tick()
+    new = bl.claim("w-new", 12)
+    [again] = [r for r in new if r.attempt_id == old.attempt_id]
+    assert again.lease_token != old.lease_token
+    with service_session(rt, dbname) as first:
+        one = db.run_sync(
+            first,
+            db.service_record_charge_failure(
+                again.attempt_id, again.lease_token, "REJECT_CARD_PAYMENT", "limit", "decline"
+            ),
+        )
+        with raises_sqlstate("SB409"):
+            run_blocked(
+                bl,
+                rt,
+                dbname,
+                first,
+                lambda c: db.run_sync(
+                    c,
+                    db.service_record_charge_failure(
+                        old.attempt_id, old.lease_token, "REJECT_CARD_PAYMENT", "limit", "decline"
+                    ),
+                ),
+            )
+    assert one.changed is True
+    assert (
+        bl.scalar(
+            "select count(*) from billing.notifications where subscription_id = %s and"
+            " kind = 'payment_failed'",
+            (old.subscription_id,),
         )
         == 1
     )
@@ -347,26 +370,21 @@ def test_concurrent_refund_results_apply_once(
     bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     row = bl.claim("w", 1)[0]
-    payment = toss.approve(row["order_id"], row["amount"])
-    bl.service("service_record_charge_success", row["attempt_id"], payment)
+    payment = toss.approve(row.order_id, row.amount)
+    bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, payment))
     pay_id = bl.scalar(
         "select id from billing.payments where payment_key = %s", (payment["paymentKey"],)
     )
     bl.billing("request_refund", pay_id, None, "full")
-    claimed = bl.service_rows("service_claim_refunds", "w", 10)[0]
+    claimed = bl.run(db.service_claim_refunds("w", 10))[0]
     reply = toss.cancel(
-        payment["paymentKey"], claimed["cancel_amount"], "full", str(claimed["refund_id"])
+        payment["paymentKey"], claimed.cancel_amount, "full", str(claimed.refund_id)
     )
+    record = db.service_record_refund_result(claimed.refund_id, claimed.lease_token, reply)
     with service_session(rt, dbname) as first:
-        one = call(first, "service_record_refund_result", claimed["refund_id"], reply)
-        two = run_blocked(
-            bl,
-            rt,
-            dbname,
-            first,
-            lambda c: call(c, "service_record_refund_result", claimed["refund_id"], reply),
-        )
-    assert (one["changed"], two["changed"]) == (True, False)
+        one = db.run_sync(first, record)
+        two = run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, record))
+    assert (one.changed, two.changed) == (True, False)
     assert bl.scalar("select count(*) from billing.refunds where payment_id = %s", (pay_id,)) == 1
     assert bl.scalar("select count(*) from billing.credit_entries where kind = 'revoke'") == 1
     assert bl.scalar("select balance_amount from billing.payments where id = %s", (pay_id,)) == 0
@@ -374,31 +392,12 @@ def test_concurrent_refund_results_apply_once(
 
 def test_concurrent_webhook_deliveries_store_one_row(bl: Billing, rt: Runtime, dbname: str) -> None:
     body = {"eventType": "PAYMENT_STATUS_CHANGED", "data": {"paymentKey": "pk_x"}}
+    ingest = db.service_ingest_webhook("whtrans_same", "PAYMENT_STATUS_CHANGED", body)
     with service_session(rt, dbname) as first:
-        one = rows(
-            first,
-            "service_ingest_webhook",
-            "whtrans_same",
-            "PAYMENT_STATUS_CHANGED",
-            Jsonb(body),
-            Jsonb({}),
-        )
-        two = run_blocked(
-            bl,
-            rt,
-            dbname,
-            first,
-            lambda c: rows(
-                c,
-                "service_ingest_webhook",
-                "whtrans_same",
-                "PAYMENT_STATUS_CHANGED",
-                Jsonb(body),
-                Jsonb({}),
-            ),
-        )
-    assert (one[0]["duplicate"], two[0]["duplicate"]) == (False, True)
-    assert one[0]["webhook_event_id"] == two[0]["webhook_event_id"]
+        one = db.run_sync(first, ingest)
+        two = run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, ingest))
+    assert (one.duplicate, two.duplicate) == (False, True)
+    assert one.webhook_event_id == two.webhook_event_id
     assert bl.scalar("select count(*) from billing.webhook_events") == 1
 
 
@@ -406,31 +405,89 @@ def test_concurrent_key_deleted_records_apply_once(
     bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     bl.register("user-00")  # replaces user-00's first card
-    deletion = bl.service_rows("service_claim_key_deletions", "w", 10)[0]
+    deletion = bl.run(db.service_claim_key_deletions("w", 10))[0]
+    record = db.service_record_key_deleted(deletion.key_deletion_id, deletion.lease_token)
     with service_session(rt, dbname) as first:
-        one = call(first, "service_record_key_deleted", deletion["key_deletion_id"])
-        two = run_blocked(
-            bl,
-            rt,
-            dbname,
-            first,
-            lambda c: call(c, "service_record_key_deleted", deletion["key_deletion_id"]),
-        )
-    assert (one["changed"], two["changed"]) == (True, False)
+        one = db.run_sync(first, record)
+        two = run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, record))
+    assert (one.changed, two.changed) == (True, False)
     assert (
         bl.scalar(
             "select status::text from billing.payment_methods where id = %s",
-            (deletion["payment_method_id"],),
+            (deletion.payment_method_id,),
         )
         == "deleted"
     )
     assert (
         bl.scalar(
             "select count(*) from billing.events where entity_id = %s and new_status = 'deleted'",
-            (deletion["payment_method_id"],),
+            (deletion.payment_method_id,),
         )
         == 1
     )
+
+
+# --- a claim and a subscriber's cancel serialise on the subscription -----------------------------
+
+
+def cancel_as(c: psycopg.Connection[Row], user: str) -> Any:
+    """api.cancel_subscription as the signed-in subscriber ``user``, in c's open transaction."""
+    c.execute("set local role authenticated")
+    c.execute(
+        "select set_config('request.jwt.claims', %s, true)",
+        (json.dumps({"sub": user, "role": "authenticated"}),),
+    )
+    row = c.execute("select api.cancel_subscription() as result").fetchone()
+    assert row is not None
+    return row["result"]
+
+
+def renewal_due(bl: Billing, toss: FakeToss) -> str:
+    """One subscriber whose first period is paid and whose renewal is queued; returns the user."""
+    bl.enable_clock(kst(2028, 1, 10, 10, 0))
+    bl.register("u")
+    approve(bl, toss, bl.claim("w", 1)[0])
+    bl.advance(timedelta(days=31))
+    assert bl.tick()["renewals"] == 1
+    return "u"
+
+
+def test_a_claim_passes_by_a_subscription_being_canceled(
+    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str
+) -> None:
+    user = renewal_due(bl, toss)
+    with service_session(rt, dbname) as subscriber:
+        out = cancel_as(subscriber, user)  # uncommitted: the subscription stays locked
+        assert out["status"] == "canceled"  # nothing sent yet: it ends now
+        # The claim does not wait for the cancel, nor hand out the attempt it is withdrawing.
+        assert bl.claim("w", 10) == []
+        subscriber.commit()
+    assert bl.claim("w", 10) == []
+    assert bl.scalar("select status::text from billing.subscriptions") == "canceled"
+    assert bl.scalar("select count(*) from billing.charge_attempts where status = 'canceled'") == 1
+
+
+def test_a_cancel_after_a_claim_waits_for_it_and_sees_the_charge_in_flight(
+    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str
+) -> None:
+    user = renewal_due(bl, toss)
+    with service_session(rt, dbname) as worker:
+        [row] = db.run_sync(worker, db.service_claim_attempts("w", 10))  # holds the subscription
+        out = run_blocked(bl, rt, dbname, worker, lambda c: cancel_as(c, user))
+    # The charge may be at Toss: the cancel waits for its outcome instead of ending now.
+    assert (out["status"], out["cancelAtPeriodEnd"], out["chargeInFlight"]) == (
+        "active",
+        True,
+        True,
+    )
+    recorded = bl.run(
+        db.service_record_charge_failure(
+            row.attempt_id, row.lease_token, "REJECT_CARD_PAYMENT", "limit", "decline"
+        )
+    )
+    assert recorded.detail["next"]["action"] == "ended"
+    assert bl.scalar("select status::text from billing.subscriptions") == "canceled"
+    assert bl.claim("w", 10) == []
 
 
 # --- credits: many concurrent consumers, never below zero ----------------------------------------
@@ -440,13 +497,9 @@ def test_concurrent_consume_credit_never_goes_below_zero(
     bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     row = bl.claim("w", 1)[0]
-    bl.service(
-        "service_record_charge_success",
-        row["attempt_id"],
-        toss.approve(row["order_id"], row["amount"]),
-    )
+    approve(bl, toss, row)
     user = bl.scalar(
-        "select user_id from billing.subscriptions where id = %s", (row["subscription_id"],)
+        "select user_id from billing.subscriptions where id = %s", (row.subscription_id,)
     )
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -481,7 +534,7 @@ def test_concurrent_consume_credit_never_goes_below_zero(
     assert (
         bl.scalar(
             "select remaining from billing.credit_grants where subscription_id = %s",
-            (row["subscription_id"],),
+            (row.subscription_id,),
         )
         == 0
     )
@@ -496,11 +549,7 @@ def test_overlapping_ticks_do_the_work_once(
     bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     for row in bl.claim("w", 12):
-        bl.service(
-            "service_record_charge_success",
-            row["attempt_id"],
-            toss.approve(row["order_id"], row["amount"]),
-        )
+        approve(bl, toss, row)
     bl.advance(timedelta(days=31))
     with psycopg.connect(rt.dsn(dbname, "postgres"), row_factory=dict_row) as first:
         busy = first.execute("select billing.tick() as t").fetchone()

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import uuid
 from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
-from dbkit import Billing, FakeToss, Row, kst, raises_sqlstate, sha256_hex
+from dbkit import KEYRING, Billing, FakeToss, Row, kst, raises_sqlstate, sha256_hex
+
+from service import db
+from service.crypto import SealedKey
 
 START = kst(2028, 1, 10, 10, 0)
 ALERT = "select payload ->> 'topic' as topic from billing.notifications where kind = 'alert'"
@@ -24,18 +26,38 @@ def alerts(bl: Billing) -> list[str]:
     return [r["topic"] for r in bl.all(ALERT + " order by id")]
 
 
-def claim_one(bl: Billing, mode: str = "charge") -> Row:
+def claim_one(bl: Billing, mode: str = "charge") -> db.ClaimedAttempt:
     rows = bl.claim()
     assert len(rows) == 1, rows
-    assert rows[0]["mode"] == mode, rows[0]
+    assert rows[0].mode == mode, rows[0]
     return rows[0]
 
 
-def pay(bl: Billing, toss: FakeToss, row: Row) -> dict[str, Any]:
-    payment = toss.approve(row["order_id"], row["amount"], row["order_name"])
-    result = bl.service("service_record_charge_success", row["attempt_id"], payment)
-    assert result["applied"] is True, result
+def pay(bl: Billing, toss: FakeToss, row: db.ClaimedAttempt) -> dict[str, Any]:
+    payment = toss.approve(row.order_id, row.amount, row.order_name)
+    result = bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, payment))
+    assert result.detail["applied"] is True, result
     return payment
+
+
+def fail(bl: Billing, row: db.ClaimedAttempt, code: str, classification: str) -> db.Recorded:
+    """The service records Toss's error for a claimed attempt, with toss.classify's label."""
+    return bl.run(
+        db.service_record_charge_failure(row.attempt_id, row.lease_token, code, "x", classification)
+    )
+
+
+def unknown(bl: Billing, row: db.ClaimedAttempt, detail: str = "read timeout") -> db.Recorded:
+    return bl.run(db.service_record_charge_unknown(row.attempt_id, row.lease_token, detail))
+
+
+def snapshot(bl: Billing, payment: dict[str, Any]) -> db.SnapshotApplied:
+    return bl.run(db.service_apply_payment_snapshot(payment))
+
+
+def billing_key_of(row: db.ClaimedAttempt | db.ClaimedKeyDeletion, customer_key: str) -> str:
+    """What the service decrypts from a claimed row's envelope."""
+    return KEYRING.open(row.billing_key_ciphertext, row.billing_key_key_id, customer_key)
 
 
 def subscribed(bl: Billing, toss: FakeToss, user: str) -> dict[str, Any]:
@@ -80,18 +102,19 @@ def test_a_payment_of_another_amount_never_pays_the_period(
     bl.enable_clock(START)
     done = bl.register("u")
     row = claim_one(bl)
-    wrong = toss.approve(row["order_id"], row["amount"] * 10, row["order_name"])
+    wrong = toss.approve(row.order_id, row.amount * 10, row.order_name)
     if path == "charge_result":
-        result = bl.service("service_record_charge_success", row["attempt_id"], wrong)
+        recorded = bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, wrong))
+        assert (recorded.detail["applied"], recorded.status) == (False, "failed")
     else:
-        bl.service("service_record_charge_unknown", row["attempt_id"], "read timeout")
-        result = bl.service("service_apply_payment_snapshot", wrong)
-    assert (result["applied"], result["attemptStatus"]) == (False, "failed")
+        unknown(bl, row)
+        result = snapshot(bl, wrong)
+        assert (result.detail["applied"], result.detail["attemptStatus"]) == (False, "failed")
 
     attempt = bl.one(
         "select status::text, classification::text, error_code from billing.charge_attempts"
         " where id = %s",
-        (row["attempt_id"],),
+        (row.attempt_id,),
     )
     assert attempt == {"status": "failed", "classification": "bug", "error_code": "AMOUNT_MISMATCH"}
     assert periods(bl, done["subscriptionId"]) == [(1, "open")]
@@ -104,8 +127,8 @@ def test_a_payment_of_another_amount_never_pays_the_period(
     assert refund == {"amount": 99000, "source": "wrong_amount", "status": "requested"}
     assert "charged amount differs from the period amount" in alerts(bl)
     # Delivered again: nothing more.
-    again = bl.service("service_apply_payment_snapshot", wrong)
-    assert again["replay"] is True
+    again = snapshot(bl, wrong)
+    assert again.detail["replay"] is True
     assert bl.scalar("select count(*) from billing.refunds") == 1
 
 
@@ -116,9 +139,9 @@ def test_a_renewal_charged_at_another_amount_makes_the_subscription_past_due(
     done = subscribed(bl, toss, "u")
     renew(bl, done)
     row = claim_one(bl)
-    wrong = toss.approve(row["order_id"], row["amount"] - 1, row["order_name"])
-    result = bl.service("service_record_charge_success", row["attempt_id"], wrong)
-    assert result["applied"] is False
+    wrong = toss.approve(row.order_id, row.amount - 1, row.order_name)
+    result = bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, wrong))
+    assert result.detail["applied"] is False
     assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "open")]
     assert sub_row(bl, done["subscriptionId"])["status"] == "past_due"
 
@@ -129,14 +152,14 @@ def test_a_payment_of_another_order_is_refused_and_changes_nothing(
     bl.enable_clock(START)
     bl.register("u")
     row = claim_one(bl)
-    other = toss.approve("ord_someone_else", row["amount"])
+    other = toss.approve("ord_someone_else", row.amount)
     events = bl.scalar("select count(*) from billing.events")
     with raises_sqlstate("SB400"):
-        bl.service("service_record_charge_success", row["attempt_id"], other)
+        bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, other))
     assert bl.scalar("select count(*) from billing.events") == events
     assert bl.scalar("select count(*) from billing.payments") == 0
     assert bl.scalar(
-        "select status::text from billing.charge_attempts where id = %s", (row["attempt_id"],)
+        "select status::text from billing.charge_attempts where id = %s", (row.attempt_id,)
     ) == ("claimed")
 
 
@@ -196,8 +219,8 @@ def test_a_new_card_during_a_pending_renewal_charges_the_renewal(
     assert again["subscriptionId"] == done["subscriptionId"]
     assert again["attemptId"] is not None, "the unsent renewal went with the old card"
     row = claim_one(bl)
-    assert str(row["attempt_id"]) == again["attemptId"]
-    assert row["billing_key_ciphertext"] == b"ciphertext:" + again["billingKey"].encode()
+    assert row.attempt_id == again["attemptId"]
+    assert billing_key_of(row, row.customer_key) == again["billingKey"]
     pay(bl, toss, row)
     assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "paid")]
     assert sub_row(bl, done["subscriptionId"])["status"] == "active"
@@ -209,7 +232,7 @@ def test_a_key_deleted_during_a_pending_renewal_ends_in_dunning(
     bl.enable_clock(START)
     done = subscribed(bl, toss, "u")
     renew(bl, done)
-    bl.service("service_mark_payment_method_deleted", sha256_hex(done["billingKey"]), "카드사 요청")
+    bl.run(db.service_mark_payment_method_deleted(sha256_hex(done["billingKey"]), "카드사 요청"))
     s = sub_row(bl, done["subscriptionId"])
     assert (s["status"], s["awaiting_card"]) == ("past_due", True)
     assert s["grace_ends_at"] is not None
@@ -236,24 +259,45 @@ def test_cancelling_while_a_renewal_is_unsent_ends_now_and_charges_nothing(
     assert len(toss.payments) == 1
 
 
+@pytest.mark.parametrize("outcome", ["decline", "not_found", "approved"])
 def test_cancelling_while_a_renewal_is_in_flight_never_leads_to_dunning(
-    bl: Billing, toss: FakeToss
+    bl: Billing, toss: FakeToss, outcome: str
 ) -> None:
     bl.enable_clock(START)
     done = subscribed(bl, toss, "u")
     renew(bl, done)
     row = claim_one(bl)  # the charge is on its way to Toss and cannot be withdrawn
-    bl.api("u", "cancel_subscription")
-    assert sub_row(bl, done["subscriptionId"])["status"] == "canceled"
-    bl.service(
-        "service_record_charge_failure", row["attempt_id"], "REJECT_CARD_PAYMENT", "", "decline"
-    )
+    # The cancel cannot call the charge back: it waits for the charge's outcome (chargeInFlight).
+    out = bl.api("u", "cancel_subscription")
+    assert (out["chargeInFlight"], out["cancelAtPeriodEnd"]) == (True, True)
+    s = sub_row(bl, done["subscriptionId"])
+    assert (s["status"], s["cancel_at_period_end"]) == ("active", True)
+    if outcome == "decline":
+        fail(bl, row, "REJECT_CARD_PAYMENT", "decline")
+    elif outcome == "not_found":
+        unknown(bl, row)
+        bl.advance(timedelta(minutes=5))
+        lookup = claim_one(bl, mode="lookup")
+        recorded = bl.run(db.service_record_lookup_not_found(lookup.attempt_id, lookup.lease_token))
+        assert (recorded.status, recorded.detail["ended"]) == ("canceled", True)
+    else:
+        pay(bl, toss, row)
+    if outcome == "approved":
+        # The charge paid the period: access runs to its end, then the subscription ends.
+        s = sub_row(bl, done["subscriptionId"])
+        assert (s["status"], s["cancel_at_period_end"]) == ("active", True)
+        ended = [(1, "paid"), (2, "paid")]
+    else:
+        # Nothing paid: the subscription ends at once, the unpaid period void.
+        assert sub_row(bl, done["subscriptionId"])["status"] == "canceled"
+        ended = [(1, "paid"), (2, "void")]
     for days in (1, 3, 5, 7, 30):
         bl.set_clock(START + timedelta(days=31 + days))
         bl.tick()
         assert bl.claim() == [], f"a canceled subscriber was charged again after {days} days"
     assert sub_row(bl, done["subscriptionId"])["status"] == "canceled"
-    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "void")]
+    assert periods(bl, done["subscriptionId"]) == ended
+    assert len(toss.payments) == 1 + (outcome == "approved")
 
 
 def test_a_resend_for_a_period_paid_meanwhile_is_looked_up_not_charged(
@@ -264,52 +308,49 @@ def test_a_resend_for_a_period_paid_meanwhile_is_looked_up_not_charged(
     renew(bl, done)
     first = claim_one(bl)
     # Toss approved it but the answer said declined; dunning queues a retry for tomorrow.
-    charged = toss.approve(first["order_id"], first["amount"], first["order_name"])
-    bl.service(
-        "service_record_charge_failure", first["attempt_id"], "REJECT_CARD_PAYMENT", "x", "decline"
-    )
+    charged = toss.approve(first.order_id, first.amount, first.order_name)
+    fail(bl, first, "REJECT_CARD_PAYMENT", "decline")
     bl.advance(timedelta(days=1))
     retry = claim_one(bl)
-    bl.service(
-        "service_record_charge_failure",
-        retry["attempt_id"],
-        "FAILED_INTERNAL_SYSTEM_PROCESSING",
-        "x",
-        "transient",
-    )
+    # A processed temporary error spends the key: the order is to be looked up at once.
+    recorded = fail(bl, retry, "FAILED_INTERNAL_SYSTEM_PROCESSING", "transient")
+    assert (recorded.status, recorded.detail["next"]["action"]) == ("unknown", "lookup")
     # Reconciliation finds the first approval: the period is paid.
-    assert bl.service("service_apply_payment_snapshot", charged)["applied"] is True
+    assert snapshot(bl, charged).detail["applied"] is True
     bl.advance(timedelta(minutes=5))
     row = claim_one(bl, mode="lookup")
-    assert row["attempt_id"] == retry["attempt_id"]
-    assert bl.service("service_record_lookup_not_found", row["attempt_id"])["status"] == "canceled"
+    assert row.attempt_id == retry.attempt_id
+    # Nothing charged under the spent key: the attempt fails, and no new one follows (paid).
+    recorded = bl.run(db.service_record_lookup_not_found(row.attempt_id, row.lease_token))
+    assert (recorded.status, recorded.detail["next"]["action"]) == ("failed", "none")
     assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "paid")]
+    assert bl.claim() == []
 
 
 def test_two_late_approvals_of_one_ended_period_are_both_recorded_and_refunded(
     bl: Billing, toss: FakeToss
 ) -> None:
     bl.enable_clock(START)
-    bl.register("u")
+    done = bl.register("u")
     first = claim_one(bl)
     # Approved at Toss, reported declined (a card company hiccup).
-    approved_first = toss.approve(first["order_id"], first["amount"])
-    bl.service(
-        "service_record_charge_failure", first["attempt_id"], "REJECT_CARD_PAYMENT", "x", "decline"
-    )
+    approved_first = toss.approve(first.order_id, first.amount)
+    fail(bl, first, "REJECT_CARD_PAYMENT", "decline")
     bl.register("u")  # a new card: charged at once
     second = claim_one(bl)
-    toss.approve(second["order_id"], second["amount"])
-    bl.service("service_record_charge_unknown", second["attempt_id"], "read timeout")
-    bl.api("u", "cancel_subscription")  # incomplete: ends now, the period void
+    toss.approve(second.order_id, second.amount)
+    unknown(bl, second)
+    # Support ends it now, the period void. (A subscriber's own cancel would now wait for the
+    # charge in flight: see test_cancelling_while_a_renewal_is_in_flight_never_leads_to_dunning.)
+    bl.billing("cancel_subscription_now", done["subscriptionId"], False, "support")
     bl.advance(timedelta(minutes=5))
     lookup = claim_one(bl, mode="lookup")
-    late = bl.service("service_apply_payment_snapshot", toss.payments[lookup["order_id"]])
-    assert late["applied"] is False
+    late = snapshot(bl, toss.payments[lookup.order_id])
+    assert late.detail["applied"] is False
     # Reconciliation finds the first approval too.
-    again = bl.service("service_apply_payment_snapshot", approved_first)
-    assert again["applied"] is False
-    assert again["attemptStatus"] == "duplicate"
+    again = snapshot(bl, approved_first)
+    assert again.detail["applied"] is False
+    assert again.detail["attemptStatus"] == "duplicate"
     assert bl.all(
         "select amount, source::text from billing.refunds order by created_at, amount"
     ) == [{"amount": 9900, "source": "late_charge"}, {"amount": 9900, "source": "late_charge"}]
@@ -319,14 +360,15 @@ def test_two_late_approvals_of_one_ended_period_are_both_recorded_and_refunded(
 # --- §2 an unknown outcome is resolved by a lookup, never by a new orderId ------------------------
 
 
+@pytest.mark.parametrize("new_card", [False, True], ids=["same_card", "new_card"])
 def test_an_unknown_outcome_is_never_charged_under_a_new_order_id(
-    bl: Billing, toss: FakeToss
+    bl: Billing, toss: FakeToss, new_card: bool
 ) -> None:
     bl.enable_clock(START)
     done = subscribed(bl, toss, "u")
     attempt = renew(bl, done)
     row = claim_one(bl)
-    bl.service("service_record_charge_unknown", row["attempt_id"], "read timeout")
+    unknown(bl, row)
 
     def orders() -> set[str]:
         return {
@@ -340,26 +382,206 @@ def test_an_unknown_outcome_is_never_charged_under_a_new_order_id(
     # Nothing any caller does while it is unknown creates another orderId for the period.
     with raises_sqlstate("SB409"):
         bl.billing("retry_subscription_charge", done["subscriptionId"], "try again")
-    bl.register("u")  # a new card
+    if new_card:
+        bl.register("u")
     for _ in range(3):
         bl.advance(timedelta(days=4))
         bl.tick()
-    assert orders() == {row["order_id"]}
+    assert orders() == {row.order_id}
     assert sub_row(bl, done["subscriptionId"])["status"] == "active"
-    # Lookups that fail keep it unknown; "not found" re-sends the very same order.
+    # Lookups that get no answer keep it unknown: Toss busy (not processed), then a timeout.
     lookup = claim_one(bl, mode="lookup")
-    bl.service(
-        "service_record_charge_failure", lookup["attempt_id"], "COMMON_ERROR", "", "transient"
-    )
+    recorded = fail(bl, lookup, "TOO_MANY_REQUESTS", "unprocessed")
+    assert recorded.status == "unknown"
     bl.advance(timedelta(hours=1))
     lookup = claim_one(bl, mode="lookup")
-    bl.service("service_record_lookup_not_found", lookup["attempt_id"])
-    resend = claim_one(bl)
-    assert (resend["order_id"], resend["idempotency_key"]) == (
-        row["order_id"],
-        row["idempotency_key"],
+    assert unknown(bl, lookup, "lookup timed out").status == "unknown"
+    assert orders() == {row.order_id}
+    bl.advance(timedelta(hours=1))
+    lookup = claim_one(bl, mode="lookup")
+    found = bl.run(db.service_record_lookup_not_found(lookup.attempt_id, lookup.lease_token))
+    if not new_card:
+        # "Not found" on the subscription's card re-sends the very same order.
+        assert found.status == "queued"
+        resend = claim_one(bl)
+        assert (resend.order_id, resend.idempotency_key) == (row.order_id, row.idempotency_key)
+        assert orders() == {row.order_id}
+        return
+    # The old card is gone: the order is never sent again on it, and since nothing was charged
+    # the period is charged on the new card (a new order, now that the first one is settled).
+    assert (found.status, found.detail["next"]["action"]) == ("canceled", "retry")
+    charge = claim_one(bl)
+    assert str(charge.attempt_id) == found.detail["next"]["attemptId"]
+    assert charge.order_id != row.order_id
+    assert billing_key_of(charge, charge.customer_key) != done["billingKey"]
+    pay(bl, toss, charge)
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "paid")]
+
+
+# --- fencing: a result counts only from the holder of the current lease ---------------------------
+
+ATTEMPT_STATE = (
+    "select to_jsonb(ca) as attempt, (select count(*) from billing.events) as events,"
+    " (select count(*) from billing.charge_attempts) as attempts,"
+    " (select count(*) from billing.notifications) as notifications"
+    " from billing.charge_attempts ca where ca.id = %s"
+)
+
+
+@pytest.mark.parametrize("answer", ["decline", "approval"])
+def test_a_worker_whose_lease_expired_is_refused_but_its_approval_stands(
+    bl: Billing, toss: FakeToss, answer: str
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    old = claim_one(bl)
+    bl.set_clock(old.lease_expires_at + timedelta(seconds=1))
+    bl.tick()
+    new = claim_one(bl)  # the same order, re-sent under the same key by another worker
+    assert (new.attempt_id, new.order_id) == (old.attempt_id, old.order_id)
+    assert new.lease_token != old.lease_token
+    if answer == "decline":
+        before = bl.one(ATTEMPT_STATE, (old.attempt_id,))
+        with raises_sqlstate("SB409"):
+            fail(bl, old, "REJECT_CARD_PAYMENT", "decline")
+        with raises_sqlstate("SB409"):
+            unknown(bl, old)
+        with raises_sqlstate("SB400"):
+            bl.run(
+                db.service_record_charge_failure(
+                    old.attempt_id,
+                    None,  # type: ignore[arg-type]
+                    "REJECT_CARD_PAYMENT",
+                    "x",
+                    "decline",
+                )
+            )
+        assert bl.one(ATTEMPT_STATE, (old.attempt_id,)) == before
+        # The current holder's answer is recorded.
+        assert fail(bl, new, "REJECT_CARD_PAYMENT", "decline").status == "declined"
+        assert sub_row(bl, done["subscriptionId"])["status"] == "past_due"
+        return
+    # An approval is a fact about money: recorded whoever reports it.
+    payment = toss.approve(old.order_id, old.amount, old.order_name)
+    late = bl.run(db.service_record_charge_success(old.attempt_id, old.lease_token, payment))
+    assert (late.status, late.changed, late.detail["applied"]) == ("succeeded", True, True)
+    # The current holder got the same approval (Toss replays it): nothing applies twice.
+    again = bl.run(db.service_record_charge_success(new.attempt_id, new.lease_token, payment))
+    assert (again.status, again.changed) == ("succeeded", False)
+    assert periods(bl, done["subscriptionId"]) == [(1, "paid"), (2, "paid")]
+    assert bl.scalar("select count(*) from billing.payments") == 2
+
+
+def test_a_request_toss_did_not_process_is_sent_again_with_the_same_key(
+    bl: Billing, toss: FakeToss
+) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    first = claim_one(bl)
+    recorded = fail(bl, first, "IDEMPOTENT_REQUEST_PROCESSING", "unprocessed")
+    assert recorded.status == "queued"
+    assert bl.claim() == [], "re-sent before its backoff"
+    bl.advance(timedelta(minutes=1))
+    again = claim_one(bl)
+    assert (again.attempt_id, again.order_id, again.idempotency_key) == (
+        first.attempt_id,
+        first.order_id,
+        first.idempotency_key,
     )
-    assert orders() == {row["order_id"]}
+    pay(bl, toss, again)
+    assert sub_row(bl, done["subscriptionId"])["status"] == "active"
+    assert (
+        bl.scalar("select count(*) from billing.notifications where kind = 'payment_failed'") == 0
+    )
+
+
+def test_processed_temporary_errors_get_three_new_attempts_then_dunning(
+    bl: Billing, toss: FakeToss
+) -> None:
+    """A processed temporary error spends the attempt's key: the order is looked up, and when
+    nothing was charged a new attempt (new orderId and key) follows after 10, 20, 40 minutes;
+    the fourth such failure in a period counts as a decline (past_due, dunning)."""
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    orders: list[str] = []
+    actions: list[str] = []
+    waits: list[timedelta] = []
+    for _ in range(4):
+        row = claim_one(bl)
+        orders.append(row.order_id)
+        spent = fail(bl, row, "FAILED_INTERNAL_SYSTEM_PROCESSING", "transient")
+        assert (spent.status, spent.detail["next"]["action"]) == ("unknown", "lookup")
+        assert sub_row(bl, done["subscriptionId"])["status"] == "active"
+        lookup = claim_one(bl, mode="lookup")  # at once
+        assert lookup.order_id == row.order_id
+        found = bl.run(db.service_record_lookup_not_found(lookup.attempt_id, lookup.lease_token))
+        assert found.status == "failed"
+        actions.append(found.detail["next"]["action"])
+        not_before = bl.scalar(
+            "select not_before from billing.charge_attempts where id = %s",
+            (found.detail["next"]["attemptId"],),
+        )
+        waits.append(not_before - bl.now())
+        bl.set_clock(not_before)
+    assert actions == ["retry"] * 4
+    assert waits[:3] == [timedelta(minutes=10), timedelta(minutes=20), timedelta(minutes=40)]
+    assert len(set(orders)) == 4
+    # The fourth counted as the period's first decline: past_due, the dunning schedule, notified.
+    s = sub_row(bl, done["subscriptionId"])
+    assert s["status"] == "past_due"
+    assert waits[3] >= timedelta(hours=12)
+    assert (
+        bl.scalar("select count(*) from billing.notifications where kind = 'payment_failed'") == 1
+    )
+    # From then on each passing error counts as a dunning step: the next retry waits for the next
+    # step (never at once), and the end of the schedule ends the subscription.
+    steps = 0
+    while True:
+        row = claim_one(bl)
+        fail(bl, row, "FAILED_INTERNAL_SYSTEM_PROCESSING", "transient")
+        lookup = claim_one(bl, mode="lookup")
+        found = bl.run(db.service_record_lookup_not_found(lookup.attempt_id, lookup.lease_token))
+        following = found.detail["next"]
+        if following["action"] == "ended":
+            break
+        steps += 1
+        assert following["action"] == "retry", following
+        not_before = bl.scalar(
+            "select not_before from billing.charge_attempts where id = %s",
+            (following["attemptId"],),
+        )
+        assert not_before > bl.now()
+        assert steps < 10, "dunning never ended"
+        bl.set_clock(not_before)
+    schedule = bl.scalar(
+        "select cardinality(dunning_schedule) from billing.plans where code = 'pro'"
+    )
+    assert steps == schedule - 1
+    assert sub_row(bl, done["subscriptionId"])["status"] in ("unpaid", "canceled")
+
+
+def test_no_dunning_retry_on_a_card_deleted_during_the_charge(bl: Billing, toss: FakeToss) -> None:
+    bl.enable_clock(START)
+    done = subscribed(bl, toss, "u")
+    renew(bl, done)
+    row = claim_one(bl)
+    # The card company deletes the key while the charge is at Toss; Toss then declines it.
+    bl.run(db.service_mark_payment_method_deleted(sha256_hex(done["billingKey"]), "카드사 요청"))
+    recorded = fail(bl, row, "REJECT_CARD_PAYMENT", "decline")
+    assert (recorded.status, recorded.detail["next"]["action"]) == ("declined", "await_card")
+    s = sub_row(bl, done["subscriptionId"])
+    assert (s["status"], s["awaiting_card"]) == ("past_due", True)
+    for days in (1, 3, 5):
+        bl.set_clock(START + timedelta(days=31 + days))
+        bl.tick()
+        assert bl.claim() == [], "a retry on a deleted card"
+    # A new card is charged at once.
+    again = bl.register("u")
+    pay(bl, toss, claim_one(bl))
+    assert sub_row(bl, again["subscriptionId"])["status"] == "active"
 
 
 # --- §4 billing keys are deleted at Toss when a subscription ends for good ------------------------
@@ -377,10 +599,7 @@ def _end_now(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> None:
 
 def _end_when_past_due(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> None:
     renew(bl, done)
-    row = claim_one(bl)
-    bl.service(
-        "service_record_charge_failure", row["attempt_id"], "REJECT_CARD_PAYMENT", "", "decline"
-    )
+    fail(bl, claim_one(bl), "REJECT_CARD_PAYMENT", "decline")
     bl.api("u", "cancel_subscription")
 
 
@@ -388,27 +607,14 @@ def _end_after_dunning(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> Non
     renew(bl, done)
     for _ in range(5):
         for row in bl.claim():
-            bl.service(
-                "service_record_charge_failure",
-                row["attempt_id"],
-                "REJECT_CARD_PAYMENT",
-                "",
-                "decline",
-            )
+            fail(bl, row, "REJECT_CARD_PAYMENT", "decline")
         bl.advance(timedelta(days=2))
         bl.tick()
 
 
 def _end_after_dead_card(bl: Billing, toss: FakeToss, done: dict[str, Any]) -> None:
     renew(bl, done)
-    row = claim_one(bl)
-    bl.service(
-        "service_record_charge_failure",
-        row["attempt_id"],
-        "INVALID_STOPPED_CARD",
-        "",
-        "needs_new_card",
-    )
+    fail(bl, claim_one(bl), "INVALID_STOPPED_CARD", "needs_new_card")
     bl.advance(timedelta(days=8))
     bl.tick()
 
@@ -425,9 +631,9 @@ def test_a_subscription_that_ends_queues_its_billing_key_for_deletion(
     done = subscribed(bl, toss, "u")
     end(bl, toss, done)
     assert sub_row(bl, done["subscriptionId"])["status"] in ("canceled", "unpaid")
-    rows = bl.service_rows("service_claim_key_deletions", "w", 10)
-    assert [r["payment_method_id"] for r in rows] == [uuid.UUID(done["paymentMethodId"])]
-    assert bytes(rows[0]["billing_key_ciphertext"]) == b"ciphertext:" + done["billingKey"].encode()
+    rows = bl.run(db.service_claim_key_deletions("w", 10))
+    assert [r.payment_method_id for r in rows] == [done["paymentMethodId"]]
+    assert billing_key_of(rows[0], done["customerKey"]) == done["billingKey"]
 
 
 def test_an_incomplete_subscription_that_never_paid_queues_its_key_for_deletion(
@@ -435,22 +641,20 @@ def test_an_incomplete_subscription_that_never_paid_queues_its_key_for_deletion(
 ) -> None:
     bl.enable_clock(START)
     done = bl.register("u")
-    row = claim_one(bl)
-    bl.service(
-        "service_record_charge_failure", row["attempt_id"], "REJECT_CARD_PAYMENT", "", "decline"
-    )
+    fail(bl, claim_one(bl), "REJECT_CARD_PAYMENT", "decline")
     bl.advance(timedelta(days=1))
     assert bl.tick()["endedAfterGrace"] == 1
-    rows = bl.service_rows("service_claim_key_deletions", "w", 10)
-    assert [str(r["payment_method_id"]) for r in rows] == [done["paymentMethodId"]]
+    rows = bl.run(db.service_claim_key_deletions("w", 10))
+    assert [r.payment_method_id for r in rows] == [done["paymentMethodId"]]
 
 
 # --- §4 webhooks ----------------------------------------------------------------------------------
 
 
-def ingest(bl: Billing, tid: str, event_type: str | None, body: dict[str, Any]) -> Row:
-    [row] = bl.service_rows("service_ingest_webhook", tid, event_type, body, {})
-    return row
+def ingest(
+    bl: Billing, tid: str, event_type: str | None, body: dict[str, Any]
+) -> db.IngestedWebhook:
+    return bl.run(db.service_ingest_webhook(tid, event_type, body))
 
 
 def psc(payment: dict[str, Any]) -> dict[str, Any]:
@@ -468,17 +672,17 @@ def test_a_payment_status_change_whose_secret_contradicts_the_stored_one_is_refu
     bl.register("u")
     payment = pay(bl, toss, claim_one(bl))
     forged = dict(payment, status="CANCELED", balanceAmount=0, secret="ps_forged")
-    assert ingest(bl, "wh_1", "PAYMENT_STATUS_CHANGED", psc(forged))["status"] == "ignored"
+    assert ingest(bl, "wh_1", "PAYMENT_STATUS_CHANGED", psc(forged)).status == "ignored"
     no_secret = {k: v for k, v in forged.items() if k != "secret"}
-    assert ingest(bl, "wh_2", "PAYMENT_STATUS_CHANGED", psc(no_secret))["status"] == "ignored"
+    assert ingest(bl, "wh_2", "PAYMENT_STATUS_CHANGED", psc(no_secret)).status == "ignored"
     genuine = dict(payment, status="CANCELED", balanceAmount=0)
-    assert ingest(bl, "wh_3", "PAYMENT_STATUS_CHANGED", psc(genuine))["status"] == "received"
+    assert ingest(bl, "wh_3", "PAYMENT_STATUS_CHANGED", psc(genuine)).status == "received"
     # A payment not in the ledger yet (its charge answer was lost) is kept, to be re-fetched.
     unseen = toss.approve("ord_unseen_000", 9900)
-    assert ingest(bl, "wh_4", "PAYMENT_STATUS_CHANGED", psc(unseen))["status"] == "received"
+    assert ingest(bl, "wh_4", "PAYMENT_STATUS_CHANGED", psc(unseen)).status == "received"
     # Only the genuine and the unseen ones are handed out for processing.
-    claimed = bl.service_rows("service_claim_webhooks", "w", 10)
-    assert sorted(r["transmission_id"] for r in claimed) == ["wh_3", "wh_4"]
+    claimed = bl.run(db.service_claim_webhooks("w", 10))
+    assert sorted(r.transmission_id for r in claimed) == ["wh_3", "wh_4"]
 
 
 def test_a_deposit_callback_is_checked_against_the_stored_secret(
@@ -493,26 +697,26 @@ def test_a_deposit_callback_is_checked_against_the_stored_secret(
         "transactionKey": "t",
         "orderId": payment["orderId"],
     }
-    assert ingest(bl, "wh_1", None, dict(flat, secret="ps_forged"))["status"] == "ignored"
+    assert ingest(bl, "wh_1", None, dict(flat, secret="ps_forged")).status == "ignored"
     good = ingest(bl, "wh_2", None, dict(flat, secret=payment["secret"]))
-    assert (good["status"], good["resolved_event_type"]) == ("received", "DEPOSIT_CALLBACK")
+    assert (good.status, good.resolved_event_type) == ("received", "DEPOSIT_CALLBACK")
 
 
 def test_unknown_event_types_are_stored_and_ignored_once(bl: Billing) -> None:
     body = {"eventType": "METHOD_UPDATED", "createdAt": "x", "data": {"status": "ENABLED"}}
     first = ingest(bl, "wh_1", "METHOD_UPDATED", body)
     again = ingest(bl, "wh_1", "METHOD_UPDATED", body)
-    assert (first["status"], first["duplicate"]) == ("ignored", False)
-    assert (again["status"], again["duplicate"], again["webhook_event_id"]) == (
+    assert (first.status, first.duplicate) == ("ignored", False)
+    assert (again.status, again.duplicate, again.webhook_event_id) == (
         "ignored",
         True,
-        first["webhook_event_id"],
+        first.webhook_event_id,
     )
     assert bl.one("select payload, event_type from billing.webhook_events") == {
         "payload": body,
         "event_type": "METHOD_UPDATED",
     }
-    assert bl.service_rows("service_claim_webhooks", "w", 10) == []
+    assert bl.run(db.service_claim_webhooks("w", 10)) == []
 
 
 def test_payment_snapshots_converge_in_any_order_and_under_duplicates(
@@ -533,7 +737,7 @@ def test_payment_snapshots_converge_in_any_order_and_under_duplicates(
     for snaps, order in zip(histories, itertools.permutations(range(3)), strict=True):
         for i in order:
             for _ in range(2):
-                bl.service("service_apply_payment_snapshot", snaps[i])
+                snapshot(bl, snaps[i])
     state = bl.all(
         """select p.status, p.balance_amount, g.status::text as credits,
                   (select array_agg(r.amount order by r.amount) from billing.refunds r
@@ -604,28 +808,32 @@ def test_a_subscriber_never_sees_or_changes_another_subscribers_rows(
         for k in ("id", "order_id", "payment_key", "customer_key", "idempotency_key")
         if len(str(r["row"].get(k))) >= 20
     }
-    assert a["subscriptionId"] in ids_of_alice
+    assert str(a["subscriptionId"]) in ids_of_alice
     # Bob does everything a subscriber can (each call succeeds on his own rows).
     for fn, args in API_CALLS:
         result = bl.api("bob", fn, *args)
         text = json.dumps(result, default=str)
         assert not any(i in text for i in ids_of_alice), (fn, result)
     assert owned_state(bl, "alice") == alice_before
-    assert bl.api("bob", "my_subscription")["subscriptionId"] == b["subscriptionId"]
+    assert bl.api("bob", "my_subscription")["subscriptionId"] == str(b["subscriptionId"])
     # A JWT for someone else's sub is that someone else; claims beside sub change nothing.
     spoof = bl.api("bob", "my_subscription", claims={"user_id": "alice", "email": "alice@x"})
-    assert spoof["subscriptionId"] == b["subscriptionId"]
+    assert spoof["subscriptionId"] == str(b["subscriptionId"])
 
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-def refused_as(conn: Conn, role: str, statement: str) -> None:
-    """``statement`` run as ``role`` fails for lack of privilege (42501) and changes nothing."""
+def refused_as(conn: Conn, role: str, statement: str | db.Call[Any]) -> None:
+    """``statement`` (or a service call) run as ``role`` fails for lack of privilege (42501) and
+    changes nothing."""
     with conn.transaction(force_rollback=True):
         conn.execute(f"set local role {role}")
         with raises_sqlstate("42501"), conn.transaction():
-            conn.execute(statement)
+            if isinstance(statement, db.Call):
+                db.run_sync(conn, statement)
+            else:
+                conn.execute(statement)
 
 
 @pytest.mark.parametrize("role", ["authenticated", "anon", "billing_service", "analyst"])
@@ -633,7 +841,7 @@ def test_no_role_but_the_owner_touches_billing_tables(
     bl: Billing, admin_conn: Conn, role: str
 ) -> None:
     bl.register("u")
-    statements = [
+    statements: list[str | db.Call[Any]] = [
         "select * from billing.subscriptions",
         "update billing.charge_attempts set amount = 1",
         "insert into billing.refunds (payment_id, amount, reason, source, requested_by)"
@@ -646,7 +854,7 @@ def test_no_role_but_the_owner_touches_billing_tables(
     if role != "authenticated":
         statements.append("select api.my_subscription()")
     if role != "billing_service":
-        statements.append("select * from billing.service_claim_attempts('w')")
+        statements.append(db.service_claim_attempts("w", 10))
     for statement in statements:
         refused_as(admin_conn, role, statement)
     assert bl.scalar("select count(*) from billing.charge_attempts where amount = 1") == 0
@@ -673,10 +881,17 @@ def test_a_customer_key_is_the_callers_own_and_expires(bl: Billing) -> None:
     assert row["expires_at"] == START + timedelta(hours=1)
     with raises_sqlstate("SB401"):
         bl.api(None, "begin_registration", "pro")
+    # Only the service's envelope is accepted for a billing key, never the key as it is.
+    plain = SealedKey(b"bk_plain_key_0123456789abcdef0123", "k1", sha256_hex("bk_plain"))
+    with raises_sqlstate("SB400"):
+        bl.run(db.service_complete_registration(reg["customerKey"], plain, None))
+    assert bl.scalar("select count(*) from billing.payment_methods") == 0
     bl.set_clock(START + timedelta(hours=1))
     with raises_sqlstate("SB409"):
-        bl.service(
-            "service_complete_registration", reg["customerKey"], b"ct", "k1", sha256_hex("bk"), None
+        bl.run(
+            db.service_complete_registration(
+                reg["customerKey"], KEYRING.seal("bk", reg["customerKey"]), None
+            )
         )
     assert bl.scalar("select count(*) from billing.subscriptions") == 0
 

@@ -27,7 +27,9 @@ def seed_bulk(bl: Billing) -> None:
         insert into billing.payment_methods (customer_id, user_id, registration_id, customer_key,
                                              billing_key_ciphertext, billing_key_key_id,
                                              billing_key_sha256)
-        select r.customer_id, r.user_id, r.id, r.customer_key, '\\x00'::bytea, 'k1',
+        -- An envelope v1 shape under key id 'k1' (the contents are never opened here).
+        select r.customer_id, r.user_id, r.id, r.customer_key,
+               '\\x01026b31'::bytea || extensions.gen_random_bytes(40), 'k1',
                encode(extensions.digest(r.customer_key, 'sha256'), 'hex')
           from billing.card_registrations r
          where r.customer_key like 'ck_bulk_%';

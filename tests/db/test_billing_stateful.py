@@ -3,9 +3,10 @@
 Each example is a fresh clone of the migrated database and a generated list of operations, driven
 only through the public SQL functions: subscribers (``api.*`` as ``authenticated`` with JWT
 claims) register and replace cards, cancel, resume and spend credits; the service
-(``billing.service_*`` as ``billing_service``) claims attempts, refunds, webhooks and key
-deletions, talks to a model of Toss and records what it saw, sometimes late (after its lease
-expired), twice, or never; the operator and pg_cron (the owner) tick with clock jumps from a
+(``billing.service_*`` through service/db.py as ``billing_service``) claims attempts, refunds,
+webhooks and key deletions, talks to a model of Toss and records what it saw with the lease token
+it was handed, sometimes late (after its lease expired: only approvals still count), twice, or
+never; the operator and pg_cron (the owner) tick with clock jumps from a
 minute to three months, move the test clock back, cancel at once with a prorated refund, refund
 and change the price. Toss is modelled faithfully enough to matter: one decision per orderId that
 re-sends replay, payments whose snapshots change with each cancel, cancels replayed per
@@ -24,10 +25,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from dbkit import Billing, FakeToss, Row, kst, sha256_hex
+from dbkit import KEYRING, Billing, FakeToss, Row, kst, sha256_hex
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from service import db
 from service.runtime import testdb
 from service.runtime.cluster import Runtime
 
@@ -41,17 +43,17 @@ PRICE_OFFSETS = (timedelta(0), MINUTE, DAY, 10 * DAY, 40 * DAY)
 LIVE = ("incomplete", "active", "past_due")
 
 # What happens to a charge the service sends (the first entry is what shrinking tends to).
+# "busy" is Toss not processing it (409/429: the same request again); "transient" and
+# "duplicated" are errors Toss processed (the key is spent: the order is looked up).
 CHARGE = ("ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "decline", "decline", "decline",
-          "transient", "transient", "timeout_after", "timeout_before", "dead", "ok", "ok", "bug",
-          "charged_but_declined", "timeout_after", "charged_but_declined")  # fmt: skip
-LOOKUP = ("answer", "answer", "answer", "answer", "transient", "timeout")
-REFUND = ("ok", "ok", "ok", "ok", "retryable", "rejected")
-DECLINES = {
-    "decline": ("REJECT_CARD_PAYMENT", "한도초과 혹은 잔액부족", "decline"),
-    "dead": ("INVALID_STOPPED_CARD", "정지된 카드", "needs_new_card"),
-    "bug": ("NOT_MATCHES_CUSTOMER_KEY", "customerKey 불일치", "bug"),
-    "removed": ("ALREADY_REMOVED_BILLING_KEY", "이미 삭제된 빌링키입니다", "needs_new_card"),
-}
+          "transient", "busy", "timeout_after", "timeout_before", "dead", "ok", "ok", "bug",
+          "charged_but_declined", "timeout_after", "charged_but_declined", "busy",
+          "duplicated")  # fmt: skip
+# A lookup (GET by orderId) answers, is throttled (not processed: still unknown) or times out.
+LOOKUP = ("answer", "answer", "answer", "answer", "throttled", "timeout")
+REFUND = ("ok", "ok", "ok", "ok", "busy", "rejected", "ok", "refund_failed")
+# Charge outcomes Toss decides once per orderId (re-sends replay them).
+DECIDED_FAILURES = ("decline", "dead", "bug", "transient")
 
 # ---------------------------------------------------------------------------------------------
 # The invariants, as one query: each row is a violation (rule, id).
@@ -136,6 +138,15 @@ select 'active subscription with an unpaid period and no charge on its way', s.i
    and not exists (select 1 from billing.charge_attempts ca
                     where ca.period_id = bp.id and ca.status in ('queued', 'claimed', 'unknown'))
 union all
+select 'cancel waiting for a charge with no charge in flight', s.id::text
+  from billing.subscriptions s join billing.billing_periods bp on bp.id = s.current_period_id
+ where s.status in ('incomplete', 'active', 'past_due') and s.cancel_at_period_end
+   and bp.status = 'open'
+   and not exists (select 1 from billing.charge_attempts ca
+                    where ca.subscription_id = s.id
+                      and (ca.status in ('claimed', 'unknown')
+                           or (ca.status = 'queued' and ca.sends > 0)))
+union all
 select 'incomplete or past_due subscription whose period is not open', s.id::text
   from billing.subscriptions s join billing.billing_periods bp on bp.id = s.current_period_id
  where s.status in ('incomplete', 'past_due') and (bp.status <> 'open' or s.grace_ends_at is null)
@@ -186,6 +197,7 @@ def op_strategy() -> st.SearchStrategy[tuple[str, int, int]]:
         "answer": 4,
         "redeliver": 2,
         "expire_leases": 1,
+        "late_worker": 3,
         "clock_back": 1,
         "cancel": 1,
         "resume": 1,
@@ -218,15 +230,16 @@ class Run:
         # Toss's side
         self.decided: dict[str, tuple[str, ...]] = {}  # orderId -> ("approved", key) / decline
         self.history: dict[str, list[dict[str, Any]]] = defaultdict(list)  # paymentKey -> snaps
-        self.toss_errors: dict[str, tuple[str, bool]] = {}  # refund Idempotency-Key -> error
+        self.toss_errors: dict[str, str] = {}  # refund Idempotency-Key -> failure kind
         self.outbox: list[tuple[str, str | None, dict[str, Any]]] = []  # webhooks to deliver
         self.approvals: Counter[Any] = Counter()  # period -> orders Toss approved
         self.anomalies: Counter[Any] = Counter()  # period -> approved but answered "declined"
         # The service's side
-        # attempt -> (worker, claim, what Toss said), until the service writes it back
-        self.held: dict[Any, tuple[str, Row, tuple[Any, ...]]] = {}
-        self.held_refunds: dict[Any, tuple[str, Row, tuple[Any, ...]]] = {}
-        self.delivered: list[tuple[Any, tuple[Any, ...]]] = []  # results recorded, to repeat
+        # attempt -> (its claim with the lease token, what Toss said), until written back
+        self.held: dict[Any, tuple[db.ClaimedAttempt, tuple[Any, ...]]] = {}
+        self.held_refunds: dict[Any, tuple[db.ClaimedRefund, tuple[Any, ...]]] = {}
+        # results recorded (with the claim they were recorded under), to repeat
+        self.delivered: list[tuple[db.ClaimedAttempt, tuple[Any, ...]]] = []
         self.ingested: dict[str, Any] = {}  # transmission id -> webhook event id
         self.pending: list[tuple[str, dict[str, Any]]] = []  # registrations not completed yet
         self.user_of_key: dict[str, str] = {}  # customerKey -> user
@@ -251,7 +264,7 @@ class Run:
         """Runs a call; an error is acceptable only with one of the ``allowed`` SQLSTATEs."""
         try:
             return call(), None
-        except psycopg.Error as exc:
+        except (psycopg.Error, db.BillingError) as exc:
             error = exc
         assert error.sqlstate in allowed, f"{error.sqlstate}: {error}"
         event(f"refused with {error.sqlstate}")
@@ -291,13 +304,10 @@ class Run:
         key = self.next_id(f"bk_{user}")
         card = {"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용"}}
         done, err = self.attempt(
-            lambda: self.bl.service(
-                "service_complete_registration",
-                reg["customerKey"],
-                b"ciphertext:" + key.encode(),
-                "k1",
-                sha256_hex(key),
-                card,
+            lambda: self.bl.run(
+                db.service_complete_registration(
+                    reg["customerKey"], KEYRING.seal(key, reg["customerKey"]), card
+                )
             ),
             () if expect_ok else ("SB409",),
         )
@@ -306,7 +316,7 @@ class Run:
             self.user_of_key[reg["customerKey"]] = user
             self.keys[sha256_hex(key)] = key
             s = self.bl.one(
-                "select * from billing.subscriptions where id = %s", (done["subscriptionId"],)
+                "select * from billing.subscriptions where id = %s", (done.subscription_id,)
             )
             assert s["user_id"] == user
             assert s["status"] in LIVE
@@ -320,10 +330,10 @@ class Run:
         if kind < 7:
             self.complete(user, reg, expect_ok=True)
         elif kind == 7:
-            out = self.bl.service(
-                "service_fail_registration", reg["customerKey"], "PAY_PROCESS_CANCELED", "취소"
+            out = self.bl.run(
+                db.service_fail_registration(reg["customerKey"], "PAY_PROCESS_CANCELED", "취소")
             )
-            assert out["changed"] is True
+            assert out.changed is True
         else:
             self.pending.append((user, reg))
 
@@ -347,12 +357,22 @@ class Run:
             "select status = 'paid' from billing.billing_periods where id = %s",
             (live["current_period_id"],),
         )
+        in_flight = live is not None and self.bl.scalar(
+            "select exists (select 1 from billing.charge_attempts where subscription_id = %s"
+            " and (status in ('claimed', 'unknown') or (status = 'queued' and sends > 0)))",
+            (live["id"],),
+        )
         out, err = self.attempt(lambda: self.bl.api(user, "cancel_subscription"), ("SB404",))
         assert (err is None) == (live is not None)
         if live is not None:
-            # Access runs to the end of a paid period; with nothing paid for it, it ends now.
+            # Access runs to the end of a paid period; with nothing paid for it, it ends now,
+            # unless a charge for it may be at Toss: then that charge's outcome decides.
             if live["status"] == "active" and paid:
                 assert (out["status"], out["cancelAtPeriodEnd"]) == ("active", True)
+            elif in_flight:
+                event("cancel while a charge is in flight")
+                assert (out["status"], out["cancelAtPeriodEnd"]) == (live["status"], True)
+                assert out["chargeInFlight"] is True
             else:
                 assert out["status"] == "canceled"
 
@@ -484,39 +504,42 @@ class Run:
         )
 
     # --- the service: charges -----------------------------------------------------------------
-    def toss_charge(self, row: Row, outcome: str) -> tuple[Any, ...]:
+    def billing_key(self, row: db.ClaimedAttempt | db.ClaimedKeyDeletion) -> str:
+        """The service opens the envelope it stored (the customerKey is its associated data)."""
+        return KEYRING.open(row.billing_key_ciphertext, row.billing_key_key_id, row.customer_key)
+
+    def toss_charge(self, row: db.ClaimedAttempt, outcome: str) -> tuple[Any, ...]:
         """POST /v1/billing/{billingKey} as Toss would answer it; returns what the service saw."""
-        order = row["order_id"]
-        key = bytes(row["billing_key_ciphertext"]).decode().removeprefix("ciphertext:")
+        order = row.order_id
+        key = self.billing_key(row)
         decided = self.decided.get(order)
         fresh_anomaly = False
         if decided is None:
             if key in self.toss.deleted_keys:
-                decided = ("declined", *DECLINES["removed"])
-            elif outcome in ("ok", "timeout_after", "charged_but_declined"):
-                payment = self.toss.approve(order, row["amount"], row["order_name"])
+                decided = ("failed", *self.toss.failure("removed"))
+            elif outcome in ("ok", "timeout_after", "charged_but_declined", "duplicated"):
+                payment = self.toss.approve(order, row.amount, row.order_name)
                 self.history[payment["paymentKey"]].append(json.loads(json.dumps(payment)))
                 decided = ("approved", payment["paymentKey"])
-                self.approvals[row["period_id"]] += 1
+                self.approvals[row.period_id] += 1
                 if outcome == "charged_but_declined":
                     event("Toss approved a charge it answered as declined")
-                    self.anomalies[row["period_id"]] += 1
+                    self.anomalies[row.period_id] += 1
                     fresh_anomaly = True
-            elif outcome in DECLINES:
-                decided = ("declined", *DECLINES[outcome])
+            elif outcome in DECIDED_FAILURES:
+                decided = ("failed", *self.toss.failure(outcome))
             if decided is not None:
                 self.decided[order] = decided
-        if outcome == "transient":
-            return (
-                "failure",
-                "FAILED_INTERNAL_SYSTEM_PROCESSING",
-                "잠시 후 다시 시도",
-                "transient",
-            )
+        if outcome == "busy":
+            # 409 IDEMPOTENT_REQUEST_PROCESSING: not processed, nothing decided by this request.
+            return ("failure", *self.toss.failure("busy"))
         if outcome in ("timeout_before", "timeout_after"):
             return ("unknown", "read timeout after 60 s")
         if fresh_anomaly:
-            return ("failure", *DECLINES["decline"])
+            return ("failure", *self.toss.failure("decline"))
+        if outcome == "duplicated" and decided is not None and decided[0] == "approved":
+            # A re-sent orderId Toss already approved (e.g. the first answer was lost).
+            return ("failure", *self.toss.failure("duplicated"))
         if decided is None:
             return ("unknown", "connection reset")
         if decided[0] == "approved":
@@ -524,29 +547,29 @@ class Run:
             return ("success", self.history[decided[1]][0])
         return ("failure", *decided[1:])
 
-    def toss_lookup(self, row: Row, outcome: str) -> tuple[Any, ...]:
+    def toss_lookup(self, row: db.ClaimedAttempt, outcome: str) -> tuple[Any, ...]:
         """GET /v1/payments/orders/{orderId}."""
-        if outcome == "transient":
-            return ("failure", "COMMON_ERROR", "일시적인 오류", "transient")
+        if outcome == "throttled":
+            return ("failure", *self.toss.failure("throttled"))
         if outcome == "timeout":
             return ("unknown", "lookup timed out")
-        decided = self.decided.get(row["order_id"])
+        decided = self.decided.get(row.order_id)
         if decided is None:
             return ("not_found",)
         if decided[0] == "approved":
             return ("snapshot", self.toss.snapshot(decided[1]))
         aborted = {
-            "paymentKey": f"pk_aborted_{row['order_id']}",
-            "orderId": row["order_id"],
+            "paymentKey": f"pk_aborted_{row.order_id}",
+            "orderId": row.order_id,
             "status": "ABORTED",
-            "totalAmount": row["amount"],
-            "balanceAmount": row["amount"],
+            "totalAmount": row.amount,
+            "balanceAmount": row.amount,
             "approvedAt": None,
             "failure": {"code": decided[1], "message": decided[2]},
         }
         return ("aborted", aborted, *decided[1:])
 
-    def claim_sorted(self, worker: str) -> list[Row]:
+    def claim_sorted(self, worker: str) -> list[db.ClaimedAttempt]:
         """Claims every due attempt, checking that none is handed out while leased elsewhere."""
         leased = {
             r["id"]
@@ -556,111 +579,169 @@ class Run:
             )
         }
         rows = self.bl.claim(worker, 100)
-        ids = [r["attempt_id"] for r in rows]
+        ids = [r.attempt_id for r in rows]
         assert len(set(ids)) == len(ids)
         assert not leased & set(ids), "an attempt was handed out while leased"
+        tokens = self.bl.all(
+            "select id, lease_token from billing.charge_attempts where id = any(%s)", (ids,)
+        )
+        assert {r["id"]: r["lease_token"] for r in tokens} == {
+            r.attempt_id: r.lease_token for r in rows
+        }
         for r in rows:
             # Charged only while its period needs paying; anything else is looked up.
-            allowed = self.bl.scalar("select billing.resend_allowed(%s)", (r["attempt_id"],))
-            assert r["mode"] == "lookup" or allowed, r
+            allowed = self.bl.scalar("select billing.resend_allowed(%s)", (r.attempt_id,))
+            assert r.mode == db.AttemptMode.LOOKUP or allowed, r
         assert self.bl.claim("another-worker", 100) == [], "claimable twice at once"
         return sorted(
             rows,
-            key=lambda r: (
-                self.user_of_key[r["customer_key"]],
-                r["order_name"],
-                r["attempt_number"],
-            ),
+            key=lambda r: (self.user_of_key[r.customer_key], r.order_name, r.attempt_number),
         )
+
+    def call_toss(self, row: db.ClaimedAttempt, pick: int) -> tuple[Any, ...]:
+        if row.mode == db.AttemptMode.CHARGE:
+            return self.toss_charge(row, CHARGE[pick % len(CHARGE)])
+        return self.toss_lookup(row, LOOKUP[pick % len(LOOKUP)])
 
     def op_claim(self, a: int, b: int) -> None:
         """A worker claims what is due and calls Toss at once (within its lease); writing the
         answers back comes later (op_answer), or never (a crash: the lease runs out)."""
-        worker = self.next_id("w")
-        for i, row in enumerate(self.claim_sorted(worker)):
-            if row["mode"] == "charge":
-                seen = self.toss_charge(row, CHARGE[(b + 5 * i) % len(CHARGE)])
-            else:
-                seen = self.toss_lookup(row, LOOKUP[(b + 5 * i) % len(LOOKUP)])
-            self.held[row["attempt_id"]] = (worker, row, seen)
+        for i, row in enumerate(self.claim_sorted(self.next_id("w"))):
+            self.held[row.attempt_id] = (row, self.call_toss(row, b + 5 * i))
 
     def op_serve(self, a: int, b: int) -> None:
         """A healthy worker: claims what is due, calls Toss and writes each answer back at once."""
         for i, row in enumerate(self.claim_sorted(self.next_id("w"))):
-            if row["mode"] == "charge":
-                seen = self.toss_charge(row, CHARGE[(b + 5 * i) % len(CHARGE)])
-            else:
-                seen = self.toss_lookup(row, LOOKUP[(b + 5 * i) % len(LOOKUP)])
-            self.record(row["attempt_id"], seen, ())
-            self.delivered.append((row["attempt_id"], seen))
+            seen = self.call_toss(row, b + 5 * i)
+            self.record(row, seen, ())
+            self.delivered.append((row, seen))
 
-    def record(self, attempt_id: Any, seen: tuple[Any, ...], allowed: tuple[str, ...]) -> None:
-        """Writes what Toss said back to the database, as the service does."""
-        bl, kind = self.bl, seen[0]
+    def record(
+        self, row: db.ClaimedAttempt, seen: tuple[Any, ...], allowed: tuple[str, ...]
+    ) -> db.Recorded | db.SnapshotApplied | None:
+        """Writes what Toss said back to the database, as the service does, with the lease token
+        of the claim it saw it under. Returns the result (None when refused)."""
+        bl, kind, aid, token = self.bl, seen[0], row.attempt_id, row.lease_token
         event(f"charge result: {kind}" + (" (late)" if allowed else ""))
+        out: db.Recorded | db.SnapshotApplied | None
         if kind == "success":
             out, _ = self.attempt(
-                lambda: bl.service("service_record_charge_success", attempt_id, seen[1]), allowed
+                lambda: bl.run(db.service_record_charge_success(aid, token, seen[1])), allowed
             )
         elif kind == "failure":
             out, _ = self.attempt(
-                lambda: bl.service("service_record_charge_failure", attempt_id, *seen[1:]), allowed
+                lambda: bl.run(db.service_record_charge_failure(aid, token, *seen[1:])), allowed
             )
         elif kind == "unknown":
             out, _ = self.attempt(
-                lambda: bl.service("service_record_charge_unknown", attempt_id, seen[1]), allowed
+                lambda: bl.run(db.service_record_charge_unknown(aid, token, seen[1])), allowed
             )
         elif kind == "not_found":
             out, _ = self.attempt(
-                lambda: bl.service("service_record_lookup_not_found", attempt_id), allowed
+                lambda: bl.run(db.service_record_lookup_not_found(aid, token)), allowed
             )
         elif kind == "snapshot":
             out, _ = self.attempt(
-                lambda: bl.service("service_apply_payment_snapshot", seen[1]), allowed
+                lambda: bl.run(db.service_apply_payment_snapshot(seen[1])), allowed
             )
-            assert out is None or out["matched"] == "attempt"
+            assert out is None or (isinstance(out, db.SnapshotApplied) and out.matched == "attempt")
         elif kind == "aborted":
-            out = bl.service("service_apply_payment_snapshot", seen[1])
-            assert (out["matched"], out["action"]) == ("attempt", "classify_failure")
-            self.attempt(
-                lambda: bl.service("service_record_charge_failure", attempt_id, *seen[2:]), allowed
+            applied = bl.run(db.service_apply_payment_snapshot(seen[1]))
+            assert (applied.matched, applied.action) == ("attempt", "classify_failure")
+            out, _ = self.attempt(
+                lambda: bl.run(db.service_record_charge_failure(aid, token, *seen[2:])), allowed
             )
         else:
             raise AssertionError(kind)
+        return out
+
+    def lease_is_current(self, row: db.ClaimedAttempt) -> bool:
+        now = self.bl.one(
+            "select status::text, lease_token from billing.charge_attempts where id = %s",
+            (row.attempt_id,),
+        )
+        return (now["status"], now["lease_token"]) == ("claimed", row.lease_token)
 
     def op_answer(self, a: int, b: int) -> None:
         if not self.held:
             return
         attempt_id = list(self.held)[a % len(self.held)]
-        worker, row, seen = self.held.pop(attempt_id)
-        now = self.bl.one(
-            "select status::text, lease_owner, lease_expires_at from billing.charge_attempts"
-            " where id = %s",
-            (attempt_id,),
-        )
-        fresh = (now["status"], now["lease_owner"], now["lease_expires_at"]) == (
-            "claimed",
-            worker,
-            row["lease_expires_at"],
-        )
-        # A worker whose lease ran out may find the attempt settled by another: 409, no change.
-        self.record(attempt_id, seen, () if fresh else ("SB409",))
-        self.delivered.append((attempt_id, seen))
+        row, seen = self.held.pop(attempt_id)
+        fresh = self.lease_is_current(row)
+        # A worker whose lease ran out may find the attempt settled or claimed by another: 409,
+        # no change (an approval is a fact and is recorded whoever reports it).
+        out = self.record(row, seen, () if fresh else ("SB409",))
+        if not fresh and isinstance(out, db.Recorded) and seen[0] != "success":
+            assert out.changed is False, out
+        self.delivered.append((row, seen))
+
+    def op_late_worker(self, a: int, b: int) -> None:
+        """A worker claims, calls Toss, then stalls past its lease; the lease is expired (tick)
+        and maybe another worker claims the attempt again. The stalled worker then writes back:
+        a decline is refused (SB409) and changes nothing; an approval is still recorded."""
+        rows = self.claim_sorted(self.next_id("w"))
+        if not rows:
+            self.op_period_end(a, b)  # nothing due: on to the next renewals
+            rows = self.claim_sorted(self.next_id("w"))
+        held = [(row, self.call_toss(row, b + 7 * i)) for i, row in enumerate(rows)]
+        if not held:
+            return
+        expiry = max(row.lease_expires_at for row, _ in held)
+        self.bl.set_clock(max(expiry, self.now()) + MINUTE)
+        self.bl.tick()
+        if a % 2:
+            # Another worker takes the work over (its own answers are written back at once).
+            self.op_serve(a, b + 1)
+        for row, seen in held:
+            assert not self.lease_is_current(row)
+            before = self.bl.one(
+                "select to_jsonb(ca) as row, (select count(*) from billing.events) as events,"
+                " (select count(*) from billing.charge_attempts) as attempts"
+                " from billing.charge_attempts ca where ca.id = %s",
+                (row.attempt_id,),
+            )
+            out = self.record(row, seen, ("SB409",))
+            if seen[0] == "success":
+                event("late approval recorded")
+                assert isinstance(out, db.Recorded), out
+                assert self.bl.scalar(
+                    "select count(*) from billing.payments where attempt_id = %s",
+                    (row.attempt_id,),
+                )
+                assert out.status in ("succeeded", "duplicate")
+                continue
+            if seen[0] == "failure" and seen[3] in ("decline", "needs_new_card"):
+                event("late decline refused")
+                assert out is None, f"a late decline was recorded: {out}"
+            elif isinstance(out, db.Recorded):
+                assert out.changed is False, out
+            after = self.bl.one(
+                "select to_jsonb(ca) as row, (select count(*) from billing.events) as events,"
+                " (select count(*) from billing.charge_attempts) as attempts"
+                " from billing.charge_attempts ca where ca.id = %s",
+                (row.attempt_id,),
+            )
+            if seen[0] not in ("snapshot", "aborted"):  # snapshots are facts, applied by anyone
+                assert after == before, (seen, before, after)
+            self.delivered.append((row, seen))
 
     def op_redeliver(self, a: int, b: int) -> None:
         if not self.delivered:
             return
-        attempt_id, seen = self.delivered[a % len(self.delivered)]
+        row, seen = self.delivered[a % len(self.delivered)]
         before = self.bl.scalar("select count(*) from billing.payments")
-        self.record(attempt_id, seen, ("SB409",))
+        out = self.record(row, seen, ("SB409",))
+        # The same result again from the same worker changes nothing.
+        if isinstance(out, db.Recorded):
+            assert out.changed is False, out
         if seen[0] in ("success", "snapshot"):
             assert self.bl.scalar("select count(*) from billing.payments") == before
 
     def op_reconcile(self, a: int, b: int) -> None:
         """The daily reconciliation: every payment Toss has is applied as Toss has it now."""
         for key in list(self.toss.by_key):
-            out = self.bl.service("service_apply_payment_snapshot", self.toss.snapshot(key))
-            assert out["matched"] in ("attempt", "payment")
+            out = self.bl.run(db.service_apply_payment_snapshot(self.toss.snapshot(key)))
+            assert out.matched in ("attempt", "payment")
 
     def op_stale_snapshot(self, a: int, b: int) -> None:
         """A snapshot older than what the ledger has arrives late: it changes nothing."""
@@ -672,7 +753,7 @@ class Run:
         rows = self.bl.all(
             "select balance_amount from billing.payments where payment_key = %s", (key,)
         )
-        self.bl.service("service_apply_payment_snapshot", old)
+        self.bl.run(db.service_apply_payment_snapshot(old))
         after = self.bl.scalar(
             "select balance_amount from billing.payments where payment_key = %s", (key,)
         )
@@ -682,26 +763,24 @@ class Run:
         assert after >= self.toss.by_key[key]["balanceAmount"]
 
     # --- the service: refunds -----------------------------------------------------------------
-    def toss_cancel(self, row: Row, outcome: str) -> tuple[Any, ...]:
+    def toss_cancel(self, row: db.ClaimedRefund, outcome: str) -> tuple[Any, ...]:
         """POST /v1/payments/{paymentKey}/cancel with the refund id as Idempotency-Key."""
-        idem = str(row["idempotency_key"])
+        idem = str(row.idempotency_key)
         if idem in self.toss.cancel_replies:
             event("refund re-sent: Toss replays its answer")
             return ("payment", self.toss.cancel_replies[idem])
         if idem in self.toss_errors:
-            return ("error", *self.toss_errors[idem])
-        if outcome == "retryable":
-            return ("error", "FAILED_REFUND_PROCESS", True)
-        if outcome == "rejected":
-            self.toss_errors[idem] = ("REFUND_REJECTED", False)
-            return ("error", "REFUND_REJECTED", False)
-        payment = self.toss.by_key[row["payment_key"]]
+            return ("error", *self.toss.failure(self.toss_errors[idem]))
+        if outcome == "busy":
+            return ("error", *self.toss.failure("busy"))  # not processed: nothing to replay
+        if outcome in ("rejected", "refund_failed"):
+            self.toss_errors[idem] = outcome  # processed: replayed under this key
+            return ("error", *self.toss.failure(outcome))
+        payment = self.toss.by_key[row.payment_key]
         # The database never asks for more than Toss still holds.
-        assert row["cancel_amount"] <= payment["balanceAmount"], (row, payment)
-        reply = self.toss.cancel(
-            row["payment_key"], row["cancel_amount"], row["cancel_reason"], idem
-        )
-        self.history[row["payment_key"]].append(json.loads(json.dumps(reply)))
+        assert row.cancel_amount <= payment["balanceAmount"], (row, payment)
+        reply = self.toss.cancel(row.payment_key, row.cancel_amount, row.cancel_reason, idem)
+        self.history[row.payment_key].append(json.loads(json.dumps(reply)))
         body = {"eventType": "PAYMENT_STATUS_CHANGED", "createdAt": "2028-01-01T00:00:00.000000",
                 "data": reply}  # fmt: skip
         self.outbox.append((self.next_id("whtrans"), "PAYMENT_STATUS_CHANGED", body))
@@ -710,64 +789,77 @@ class Run:
     def op_serve_refunds(self, a: int, b: int) -> None:
         """Claims due refunds and calls Toss; most answers are written back at once, some later
         (op_answer_refund) or never (the lease runs out and the cancel is re-sent)."""
-        worker = self.next_id("w")
-        rows = self.bl.service_rows("service_claim_refunds", worker, 100)
+        rows = self.bl.run(db.service_claim_refunds(self.next_id("w"), 100))
         order = {k: i for i, k in enumerate(self.toss.by_key)}
-        rows.sort(key=lambda r: (order[r["payment_key"]], r["cancel_amount"], r["cancel_reason"]))
+        rows.sort(key=lambda r: (order[r.payment_key], r.cancel_amount, r.cancel_reason))
         for i, row in enumerate(rows):
             seen = self.toss_cancel(row, REFUND[(b + 3 * i) % len(REFUND)])
-            self.held_refunds[row["refund_id"]] = (worker, row, seen)
+            self.held_refunds[row.refund_id] = (row, seen)
             if (a + i) % 4:
                 self.op_answer_refund(len(self.held_refunds) - 1, b + i)
 
     def record_refund(
-        self, refund_id: Any, seen: tuple[Any, ...], allowed: tuple[str, ...]
-    ) -> None:
+        self, row: db.ClaimedRefund, seen: tuple[Any, ...], allowed: tuple[str, ...]
+    ) -> db.Recorded | None:
+        out: db.Recorded | None
         if seen[0] == "payment":
             out, _ = self.attempt(
-                lambda: self.bl.service("service_record_refund_result", refund_id, seen[1]), allowed
-            )
-            assert out is None or out["status"] == "succeeded"
-        else:
-            out, _ = self.attempt(
-                lambda: self.bl.service(
-                    "service_record_refund_result", refund_id, None, seen[1], "x", seen[2]
+                lambda: self.bl.run(
+                    db.service_record_refund_result(row.refund_id, row.lease_token, seen[1])
                 ),
                 allowed,
             )
-            if out is not None and out["status"] == "failed":
+            assert out is None or out.status == "succeeded"
+        else:
+            code, message, classification = seen[1:]
+            out, _ = self.attempt(
+                lambda: self.bl.run(
+                    db.service_record_refund_result(
+                        row.refund_id, row.lease_token, None, code, message, classification
+                    )
+                ),
+                allowed,
+            )
+            # Only a cancel Toss did not process is sent again (ten tries); any other error is
+            # final.
+            if out is not None and out.changed:
+                tries = self.bl.scalar(
+                    "select attempts from billing.refunds where id = %s", (row.refund_id,)
+                )
+                again = classification == "unprocessed" and tries < 10
+                assert out.status == ("requested" if again else "failed"), (out, tries)
+            if out is not None and out.changed and out.status == "failed":
                 self.rejected_refunds += 1
+        return out
 
     def op_answer_refund(self, a: int, b: int) -> None:
         if not self.held_refunds:
             return
         refund_id = list(self.held_refunds)[a % len(self.held_refunds)]
-        worker, row, seen = self.held_refunds.pop(refund_id)
+        row, seen = self.held_refunds.pop(refund_id)
         now = self.bl.one(
-            "select status::text, lease_owner, lease_expires_at from billing.refunds where id = %s",
-            (refund_id,),
+            "select status::text, lease_token from billing.refunds where id = %s", (refund_id,)
         )
-        fresh = (now["status"], now["lease_owner"], now["lease_expires_at"]) == (
-            "claimed",
-            worker,
-            row["lease_expires_at"],
-        )
-        self.record_refund(refund_id, seen, () if fresh else ("SB409",))
+        fresh = (now["status"], now["lease_token"]) == ("claimed", row.lease_token)
+        out = self.record_refund(row, seen, () if fresh else ("SB409",))
+        if not fresh and out is not None and seen[0] != "payment":
+            assert out.changed is False, out
         if b % 3 == 0:  # the service retries its write after a lost reply
-            self.record_refund(refund_id, seen, ("SB409",))
+            again = self.record_refund(row, seen, ("SB409",))
+            assert again is None or again.changed is False, again
         elif b % 3 == 1 and seen[0] == "payment":
             # A re-fetch made before this cancel (for an earlier webhook) lands after it.
             self.op_stale_snapshot(list(self.history).index(seen[1]["paymentKey"]), a)
 
     # --- the service: webhooks and billing keys -----------------------------------------------
-    def ingest(self, tid: str, event_type: str | None, body: dict[str, Any]) -> Row:
-        [row] = self.bl.service_rows("service_ingest_webhook", tid, event_type, body, {})
+    def ingest(self, tid: str, event_type: str | None, body: dict[str, Any]) -> db.IngestedWebhook:
+        row = self.bl.run(db.service_ingest_webhook(tid, event_type, body))
         if tid in self.ingested:
             event("webhook delivered twice")
-            assert (row["duplicate"], row["webhook_event_id"]) == (True, self.ingested[tid])
+            assert (row.duplicate, row.webhook_event_id) == (True, self.ingested[tid])
         else:
-            assert row["duplicate"] is False
-            self.ingested[tid] = row["webhook_event_id"]
+            assert row.duplicate is False
+            self.ingested[tid] = row.webhook_event_id
         return row
 
     def op_deliver_webhook(self, a: int, b: int) -> None:
@@ -792,33 +884,33 @@ class Run:
                 "createdAt": "x",
                 "data": {"status": "X"},
             }
-            assert self.ingest(tid, None, body)["status"] == "ignored"
+            assert self.ingest(tid, None, body).status == "ignored"
         elif kind == 1 or not payments:
             order_id = payments[0]["order_id"] if payments else "ord_forged"
             body = {"createdAt": "x", "secret": "ps_forged", "status": "DONE",
                     "transactionKey": "t", "orderId": order_id}  # fmt: skip
             row = self.ingest(tid, None, body)
-            assert (row["status"], row["resolved_event_type"]) == ("ignored", "DEPOSIT_CALLBACK")
+            assert (row.status, row.resolved_event_type) == ("ignored", "DEPOSIT_CALLBACK")
         elif kind == 2:
             pay = payments[b % len(payments)]
             body = {"createdAt": "x", "secret": pay["secret"], "status": "DONE",
                     "transactionKey": "t", "orderId": pay["order_id"]}  # fmt: skip
-            assert self.ingest(tid, None, body)["status"] == "received"
+            assert self.ingest(tid, None, body).status == "received"
         else:
             pay = payments[b % len(payments)]
             forged = dict(self.toss.snapshot(pay["payment_key"]), balanceAmount=0, secret="ps_x")
             body = {"eventType": "PAYMENT_STATUS_CHANGED", "createdAt": "x", "data": forged}
-            assert self.ingest(tid, "PAYMENT_STATUS_CHANGED", body)["status"] == "ignored"
+            assert self.ingest(tid, "PAYMENT_STATUS_CHANGED", body).status == "ignored"
 
-    def process_webhook(self, row: Row, race: bool = False) -> str:
-        kind, payload = row["event_type"], row["payload"]
+    def process_webhook(self, row: db.ClaimedWebhook, race: bool = False) -> db.WebhookOutcome:
+        kind, payload = row.event_type, row.payload
         if kind == "BILLING_DELETED":
-            self.bl.service(
-                "service_mark_payment_method_deleted",
-                payload["data"]["billingKeySha256"],
-                payload["data"]["reason"],
+            self.bl.run(
+                db.service_mark_payment_method_deleted(
+                    payload["data"]["billingKeySha256"], payload["data"]["reason"]
+                )
             )
-            return "processed"
+            return db.WebhookOutcome.PROCESSED
         # Never applied as sent: re-fetch with the secret key and apply that.
         if kind == "PAYMENT_STATUS_CHANGED":
             key = payload["data"]["paymentKey"]
@@ -826,19 +918,29 @@ class Run:
             decided = self.decided.get(payload["orderId"])
             key = decided[1] if decided and decided[0] == "approved" else None
         if key not in self.toss.by_key:
-            return "ignored"  # NOT_FOUND_PAYMENT
-        self.bl.service("service_apply_payment_snapshot", self.toss.snapshot(key))
+            return db.WebhookOutcome.IGNORED  # NOT_FOUND_PAYMENT
+        self.bl.run(db.service_apply_payment_snapshot(self.toss.snapshot(key)))
         if race and len(self.history[key]) > 1:
             # Another worker's re-fetch of an earlier event, answered before this one, lands last.
             event("older snapshot after a newer one")
-            self.bl.service("service_apply_payment_snapshot", self.history[key][-2])
-        return "processed"
+            self.bl.run(db.service_apply_payment_snapshot(self.history[key][-2]))
+        return db.WebhookOutcome.PROCESSED
+
+    def finish_webhook(self, row: db.ClaimedWebhook, outcome: db.WebhookOutcome) -> None:
+        done = self.bl.run(
+            db.service_record_webhook_result(row.webhook_event_id, row.lease_token, outcome, "x")
+        )
+        assert done.changed is True, done
 
     def op_serve_webhooks(self, a: int, b: int) -> None:
-        rows = self.bl.service_rows("service_claim_webhooks", self.next_id("w"), 100)
-        for i, row in enumerate(sorted(rows, key=lambda r: r["transmission_id"])):
-            outcome = "retry" if (b + i) % 5 == 0 else self.process_webhook(row, (b + i) % 5 == 1)
-            self.bl.service("service_record_webhook_result", row["webhook_event_id"], outcome, "x")
+        rows = self.bl.run(db.service_claim_webhooks(self.next_id("w"), 100))
+        for i, row in enumerate(sorted(rows, key=lambda r: r.transmission_id)):
+            outcome = (
+                db.WebhookOutcome.RETRY
+                if (b + i) % 5 == 0
+                else self.process_webhook(row, (b + i) % 5 == 1)
+            )
+            self.finish_webhook(row, outcome)
 
     def op_issuer_deletes_key(self, a: int, b: int) -> None:
         """The card company deletes a subscriber's billing key; Toss says so by webhook."""
@@ -856,29 +958,37 @@ class Run:
         self.outbox.append((self.next_id("whtrans"), None, body))
 
     def op_serve_key_deletions(self, a: int, b: int) -> None:
-        rows = self.bl.service_rows("service_claim_key_deletions", self.next_id("w"), 100)
-        for i, row in enumerate(sorted(rows, key=lambda r: bytes(r["billing_key_ciphertext"]))):
+        rows = self.bl.run(db.service_claim_key_deletions(self.next_id("w"), 100))
+        # Envelopes are random; the keys inside them give a repeatable order.
+        for i, (key, row) in enumerate(sorted((self.billing_key(r), r) for r in rows)):
             # Never while a charge on the key may still be on its way.
             assert not self.bl.scalar(
                 "select exists (select 1 from billing.charge_attempts where payment_method_id = %s"
                 " and status in ('queued', 'claimed', 'unknown'))",
-                (row["payment_method_id"],),
+                (row.payment_method_id,),
             )
+            assert self.keys[sha256_hex(key)] == key
             if (b + i) % 4 == 3:
-                self.bl.service(
-                    "service_record_key_deleted", row["key_deletion_id"], "COMMON_ERROR"
+                out = self.bl.run(
+                    db.service_record_key_deleted(
+                        row.key_deletion_id, row.lease_token, "COMMON_ERROR"
+                    )
                 )
+                assert out.status in ("requested", "failed")
                 continue
-            key = bytes(row["billing_key_ciphertext"]).decode().removeprefix("ciphertext:")
             self.toss.deleted_keys.add(key)
-            self.bl.service("service_record_key_deleted", row["key_deletion_id"])
+            out = self.bl.run(db.service_record_key_deleted(row.key_deletion_id, row.lease_token))
+            assert (out.status, out.changed) == ("deleted", True)
             body = {"eventType": "BILLING_DELETED", "createdAt": "x",
                     "data": {"billingKey": key, "reason": "삭제 API 요청"}}  # fmt: skip
             self.outbox.append((self.next_id("whtrans"), None, body))
 
     def op_notifications(self, a: int, b: int) -> None:
-        for row in self.bl.service_rows("service_claim_notifications", self.next_id("w"), 100):
-            assert self.bl.service("service_record_notification_delivered", row["notification_id"])
+        for row in self.bl.run(db.service_claim_notifications(self.next_id("w"), 100)):
+            out = self.bl.run(
+                db.service_record_notification_delivered(row.notification_id, row.lease_token)
+            )
+            assert (out.status, out.changed) == ("delivered", True)
 
     # --- the end of an example: the service settles everything, the ledger agrees with Toss ---
     def settle(self) -> None:
@@ -893,22 +1003,18 @@ class Run:
             for row in self.claim_sorted(self.next_id("settle")):
                 seen = (
                     self.toss_charge(row, "ok")
-                    if row["mode"] == "charge"
+                    if row.mode == db.AttemptMode.CHARGE
                     else self.toss_lookup(row, "answer")
                 )
-                self.record(row["attempt_id"], seen, ())
+                self.record(row, seen, ())
                 busy = True
-            for row in self.bl.service_rows("service_claim_refunds", self.next_id("settle"), 100):
-                self.record_refund(row["refund_id"], self.toss_cancel(row, "ok"), ())
+            for refund in self.bl.run(db.service_claim_refunds(self.next_id("settle"), 100)):
+                self.record_refund(refund, self.toss_cancel(refund, "ok"), ())
                 busy = True
             while self.outbox:
                 self.ingest(*self.outbox.pop(0))
-            for row in self.bl.service_rows("service_claim_webhooks", self.next_id("settle"), 100):
-                self.bl.service(
-                    "service_record_webhook_result",
-                    row["webhook_event_id"],
-                    self.process_webhook(row),
-                )
+            for webhook in self.bl.run(db.service_claim_webhooks(self.next_id("settle"), 100)):
+                self.finish_webhook(webhook, self.process_webhook(webhook))
                 busy = True
             self.op_serve_key_deletions(0, 0)
             self.check()

@@ -13,6 +13,7 @@ from typing import Any
 
 from dbkit import (
     ANCHOR_31_PERIOD_STARTS,
+    KEYRING,
     SEOUL,
     Billing,
     FakeToss,
@@ -21,6 +22,8 @@ from dbkit import (
     raises_sqlstate,
     sha256_hex,
 )
+
+from service import db
 
 START = kst(2027, 12, 31, 10, 0)
 END = kst(2029, 1, 2, 0, 0)
@@ -47,120 +50,140 @@ class Sim:
 
     # --- the service ----------------------------------------------------------------------
     def drain(self) -> None:
+        bl = self.bl
         for _ in range(1000):
             progressed = False
-            for row in self.bl.claim("sim", 10):
+            for row in bl.claim("sim", 10):
                 self.handle_attempt(row)
                 progressed = True
-            for row in self.bl.service_rows("service_claim_refunds", "sim", 10):
-                self.handle_refund(row)
+            for refund in bl.run(db.service_claim_refunds("sim", 10)):
+                self.handle_refund(refund)
                 progressed = True
-            for row in self.bl.service_rows("service_claim_webhooks", "sim", 10):
-                self.handle_webhook(row)
+            for webhook in bl.run(db.service_claim_webhooks("sim", 10)):
+                self.handle_webhook(webhook)
                 progressed = True
-            for row in self.bl.service_rows("service_claim_key_deletions", "sim", 10):
-                self.handle_key_deletion(row)
+            for deletion in bl.run(db.service_claim_key_deletions("sim", 10)):
+                self.handle_key_deletion(deletion)
                 progressed = True
-            for row in self.bl.service_rows("service_claim_notifications", "sim", 50):
-                self.notifications.append(row)
-                assert self.bl.service(
-                    "service_record_notification_delivered", row["notification_id"]
+            for note in bl.run(db.service_claim_notifications("sim", 50)):
+                self.notifications.append({"user_id": note.user_id, "kind": note.kind})
+                delivered = bl.run(
+                    db.service_record_notification_delivered(note.notification_id, note.lease_token)
                 )
+                assert (delivered.status, delivered.changed) == ("delivered", True)
                 progressed = True
             if not progressed:
                 return
         raise AssertionError("the service loop did not settle")
 
-    def handle_attempt(self, row: Row) -> None:
-        bl, aid, order = self.bl, row["attempt_id"], row["order_id"]
-        if row["mode"] == "lookup":
+    def fail(self, row: db.ClaimedAttempt, kind: str) -> db.Recorded:
+        code, message, classification = self.toss.failure(kind)
+        return self.bl.run(
+            db.service_record_charge_failure(
+                row.attempt_id, row.lease_token, code, message, classification
+            )
+        )
+
+    def unknown(self, row: db.ClaimedAttempt, detail: str) -> db.Recorded:
+        return self.bl.run(
+            db.service_record_charge_unknown(row.attempt_id, row.lease_token, detail)
+        )
+
+    def handle_attempt(self, row: db.ClaimedAttempt) -> None:
+        bl, order = self.bl, row.order_id
+        if row.mode == db.AttemptMode.LOOKUP:
             found = self.toss.payments.get(order)
             if found is None:
-                bl.service("service_record_lookup_not_found", aid)
+                bl.run(db.service_record_lookup_not_found(row.attempt_id, row.lease_token))
             else:
-                result = bl.service("service_apply_payment_snapshot", found)
-                assert result["matched"] == "attempt"
+                result = bl.run(db.service_apply_payment_snapshot(found))
+                assert result.matched == "attempt"
             return
-        user = self.user_of_key[row["customer_key"]]
+        # The service opens the envelope it stored, with the customerKey as associated data.
+        key = KEYRING.open(row.billing_key_ciphertext, row.billing_key_key_id, row.customer_key)
+        assert self.billing_keys[sha256_hex(key)] == key
+        user = self.user_of_key[row.customer_key]
         script = self.scripts.get(user, [])
         outcome = script.pop(0) if script else "ok"
-        fail = "service_record_charge_failure"
         if outcome == "ok":
-            payment = self.toss.approve(order, row["amount"], row["order_name"])
-            result = bl.service("service_record_charge_success", aid, payment)
-            assert result["replay"] is False
+            payment = self.toss.approve(order, row.amount, row.order_name)
+            record = db.service_record_charge_success(row.attempt_id, row.lease_token, payment)
+            first = bl.run(record)
+            assert first.changed is True
             # The service retrying its write after a lost reply applies nothing twice.
-            again = bl.service("service_record_charge_success", aid, payment)
-            assert again["replay"] is True
+            again = bl.run(record)
+            assert again.changed is False
+            assert again.detail["paymentId"] == first.detail["paymentId"]
         elif outcome == "decline":
-            bl.service(fail, aid, "REJECT_CARD_PAYMENT", "한도초과 혹은 잔액부족", "decline")
+            self.fail(row, "decline")
         elif outcome == "declined_but_charged":
-            self.toss.approve(order, row["amount"], row["order_name"])
-            bl.service(fail, aid, "REJECT_CARD_PAYMENT", "한도초과 혹은 잔액부족", "decline")
+            self.toss.approve(order, row.amount, row.order_name)
+            self.fail(row, "decline")
         elif outcome == "dead":
-            bl.service(fail, aid, "INVALID_STOPPED_CARD", "정지된 카드", "needs_new_card")
+            self.fail(row, "dead")
         elif outcome == "transient":
-            bl.service(
-                fail, aid, "FAILED_INTERNAL_SYSTEM_PROCESSING", "잠시 후 다시 시도", "transient"
-            )
+            # Processed by Toss: the key is spent, so the order is looked up at once.
+            spent = self.fail(row, "transient")
+            assert (spent.status, spent.detail["next"]["action"]) == ("unknown", "lookup")
+        elif outcome == "busy":
+            # Not processed: the very same request goes again after a backoff.
+            assert self.fail(row, "busy").status == "queued"
         elif outcome == "timeout_after":
-            self.toss.approve(order, row["amount"], row["order_name"])
-            bl.service("service_record_charge_unknown", aid, "read timeout after 60 s")
+            self.toss.approve(order, row.amount, row.order_name)
+            self.unknown(row, "read timeout after 60 s")
         elif outcome == "timeout_before":
-            bl.service("service_record_charge_unknown", aid, "connect timeout")
+            self.unknown(row, "connect timeout")
         elif outcome == "duplicated":
-            self.toss.approve(order, row["amount"], row["order_name"])
-            bl.service(fail, aid, "DUPLICATED_ORDER_ID", "중복된 주문번호", "reconcile")
+            self.toss.approve(order, row.amount, row.order_name)
+            assert self.fail(row, "duplicated").status == "unknown"
         else:
             raise AssertionError(outcome)
 
-    def handle_refund(self, row: Row) -> None:
+    def handle_refund(self, row: db.ClaimedRefund) -> None:
         reply = self.toss.cancel(
-            row["payment_key"],
-            row["cancel_amount"],
-            row["cancel_reason"],
-            str(row["idempotency_key"]),
+            row.payment_key, row.cancel_amount, row.cancel_reason, str(row.idempotency_key)
         )
-        result = self.bl.service("service_record_refund_result", row["refund_id"], reply)
-        assert result["status"] == "succeeded"
+        result = self.bl.run(db.service_record_refund_result(row.refund_id, row.lease_token, reply))
+        assert result.status == "succeeded"
         # Toss tells the webhook endpoint too, and delivers it twice.
         body = {
             "eventType": "PAYMENT_STATUS_CHANGED",
             "createdAt": "2028-01-01T00:00:00.000000",
             "data": reply,
         }
-        tid = f"whtrans_{uuid.uuid4().hex}"
-        first = self.bl.service_rows(
-            "service_ingest_webhook", tid, "PAYMENT_STATUS_CHANGED", body, {}
+        ingest = db.service_ingest_webhook(
+            f"whtrans_{uuid.uuid4().hex}", "PAYMENT_STATUS_CHANGED", body
         )
-        again = self.bl.service_rows(
-            "service_ingest_webhook", tid, "PAYMENT_STATUS_CHANGED", body, {}
-        )
-        assert first[0]["duplicate"] is False
-        assert again[0]["duplicate"] is True
-        assert again[0]["webhook_event_id"] == first[0]["webhook_event_id"]
+        first = self.bl.run(ingest)
+        again = self.bl.run(ingest)
+        assert first.duplicate is False
+        assert again.duplicate is True
+        assert again.webhook_event_id == first.webhook_event_id
         self.duplicate_webhooks += 1
 
-    def handle_webhook(self, row: Row) -> None:
-        kind, data = row["event_type"], row["payload"]["data"]
+    def handle_webhook(self, row: db.ClaimedWebhook) -> None:
+        kind, data = row.event_type, row.payload["data"]
         if kind == "PAYMENT_STATUS_CHANGED":
             # Never trusted as sent: re-fetch the payment and apply that snapshot.
-            self.bl.service(
-                "service_apply_payment_snapshot", self.toss.snapshot(data["paymentKey"])
-            )
+            self.bl.run(db.service_apply_payment_snapshot(self.toss.snapshot(data["paymentKey"])))
         elif kind == "BILLING_DELETED":
             assert "billingKey" not in data
-            self.bl.service(
-                "service_mark_payment_method_deleted", data["billingKeySha256"], data["reason"]
+            self.bl.run(
+                db.service_mark_payment_method_deleted(data["billingKeySha256"], data["reason"])
             )
         else:
             raise AssertionError(kind)
-        self.bl.service("service_record_webhook_result", row["webhook_event_id"], "processed")
+        done = self.bl.run(
+            db.service_record_webhook_result(
+                row.webhook_event_id, row.lease_token, db.WebhookOutcome.PROCESSED
+            )
+        )
+        assert (done.status, done.changed) == ("processed", True)
 
-    def handle_key_deletion(self, row: Row) -> None:
-        key = bytes(row["billing_key_ciphertext"]).decode().removeprefix("ciphertext:")
+    def handle_key_deletion(self, row: db.ClaimedKeyDeletion) -> None:
+        key = KEYRING.open(row.billing_key_ciphertext, row.billing_key_key_id, row.customer_key)
         self.toss.deleted_keys.add(key)
-        self.bl.service("service_record_key_deleted", row["key_deletion_id"])
+        self.bl.run(db.service_record_key_deleted(row.key_deletion_id, row.lease_token))
         self.billing_deleted_webhook(key, "삭제 API 요청")
 
     def billing_deleted_webhook(self, billing_key: str, reason: str) -> None:
@@ -169,9 +192,7 @@ class Sim:
             "createdAt": "2028-01-01T00:00:00.000000",
             "data": {"billingKey": billing_key, "reason": reason},
         }
-        self.bl.service_rows(
-            "service_ingest_webhook", f"whtrans_{uuid.uuid4().hex}", None, body, {}
-        )
+        self.bl.run(db.service_ingest_webhook(f"whtrans_{uuid.uuid4().hex}", None, body))
 
     # --- time -----------------------------------------------------------------------------
     def next_due(self) -> datetime | None:
@@ -242,6 +263,7 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
     bl.enable_clock(START)
     sim = Sim(bl, toss)
     sim.scripts.update(
+        alice=["busy"],
         bob=["ok", "ok", "decline", "decline"],
         carol=["ok"] + ["decline"] * 5,
         dave=["ok", "ok"] + ["decline"] * 5,
@@ -298,9 +320,9 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
         # An older snapshot (before the refunds) arriving late changes nothing.
         pay = bl.one("select * from billing.payments where id = %s", (checks["alice_p3_payment"],))
         old = dict(pay["raw"], balanceAmount=pay["total_amount"], status="DONE", cancels=None)
-        result = bl.service("service_apply_payment_snapshot", old)
-        assert result["replay"] is True
-        assert result["sync"]["stale"] is True
+        result = bl.run(db.service_apply_payment_snapshot(old))
+        assert result.detail["replay"] is True
+        assert result.detail["sync"]["stale"] is True
 
     def erin_new_card() -> None:
         sim.register("erin")
@@ -338,36 +360,34 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
         bl.billing("cancel_subscription_now", s["id"], False, "asked on the phone")
 
     def odd_webhooks() -> None:
-        unknown = bl.service_rows(
-            "service_ingest_webhook",
-            "whtrans_odd_1",
-            "METHOD_UPDATED",
-            {"eventType": "METHOD_UPDATED", "data": {}},
-            {},
+        unknown = bl.run(
+            db.service_ingest_webhook(
+                "whtrans_odd_1", "METHOD_UPDATED", {"eventType": "METHOD_UPDATED", "data": {}}
+            )
         )
-        deposit = bl.service_rows(
-            "service_ingest_webhook",
-            "whtrans_odd_2",
-            None,
-            {
-                "createdAt": "x",
-                "secret": "ps_forged",
-                "status": "DONE",
-                "transactionKey": "t",
-                "orderId": "ord_forged",
-            },
-            {},
+        deposit = bl.run(
+            db.service_ingest_webhook(
+                "whtrans_odd_2",
+                None,
+                {
+                    "createdAt": "x",
+                    "secret": "ps_forged",
+                    "status": "DONE",
+                    "transactionKey": "t",
+                    "orderId": "ord_forged",
+                },
+            )
         )
-        assert unknown[0]["status"] == "ignored"
-        assert deposit[0]["status"] == "ignored"
-        assert deposit[0]["resolved_event_type"] == "DEPOSIT_CALLBACK"
+        assert unknown.status == "ignored"
+        assert deposit.status == "ignored"
+        assert deposit.resolved_event_type == "DEPOSIT_CALLBACK"
 
     def reconcile() -> None:
         # Daily reconciliation: every approval Toss knows of must be in the ledger.
         known = {r["payment_key"] for r in bl.all("select payment_key from billing.payments")}
         for payment in toss.payments.values():
             if payment["paymentKey"] not in known:
-                sim.bl.service("service_apply_payment_snapshot", payment)
+                sim.bl.run(db.service_apply_payment_snapshot(payment))
                 checks.setdefault("reconciled", 0)
                 checks["reconciled"] += 1
 
@@ -529,13 +549,23 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
             where ca.user_id = 'frank' and bp.period_index <= 3
             order by bp.period_index, ca.attempt_number"""
     )
+    # Period 1: the processed temporary error spent the first attempt's key; its lookup found
+    # nothing, so it failed and a new attempt (new orderId) followed after a backoff. Period 3:
+    # DUPLICATED_ORDER_ID is looked up first, and the lookup finds the approval.
     assert frank_attempts == [
         {
             "period_index": 1,
-            "status": "succeeded",
-            "sends": 2,
+            "status": "failed",
+            "sends": 1,
             "lookups": 1,
             "transient_failures": 1,
+        },
+        {
+            "period_index": 1,
+            "status": "succeeded",
+            "sends": 1,
+            "lookups": 1,
+            "transient_failures": 0,
         },
         {
             "period_index": 2,
@@ -549,9 +579,26 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
             "status": "succeeded",
             "sends": 1,
             "lookups": 1,
-            "transient_failures": 0,
+            "transient_failures": 1,
         },
     ]
+    frank_p1 = bl.all(
+        """select ca.order_id, ca.idempotency_key, ca.not_before, ca.classification::text
+             from billing.charge_attempts ca join billing.billing_periods bp on bp.id = ca.period_id
+            where ca.user_id = 'frank' and bp.period_index = 1 order by ca.attempt_number"""
+    )
+    assert frank_p1[0]["classification"] == "transient"
+    assert frank_p1[1]["order_id"] != frank_p1[0]["order_id"]
+    assert frank_p1[1]["idempotency_key"] != frank_p1[0]["idempotency_key"]
+    assert frank_p1[1]["not_before"] >= frank_p1[0]["not_before"] + timedelta(minutes=10)
+
+    # Toss busy (409) on alice's first charge: the same request went again, under the same key.
+    alice_p1 = bl.all(
+        """select ca.status::text, ca.sends, ca.transient_failures
+             from billing.charge_attempts ca join billing.billing_periods bp on bp.id = ca.period_id
+            where ca.user_id = 'alice' and bp.period_index = 1"""
+    )
+    assert alice_p1 == [{"status": "succeeded", "sends": 2, "transient_failures": 1}]
 
     grace = sub_of(bl, "grace")
     assert grace["ended_at"] == kst(2028, 8, 5, 10, 0)

@@ -140,8 +140,9 @@ def test_widget_keys_are_refused_on_billing_routes(
     assert error_of(response) == (400, "INVALID_API_KEY")
 
 
-def test_legacy_ak_secret_keys_are_accepted(server: LiveServer) -> None:
-    # §1: very old docs show test_ak_ secret keys; unknown prefixes are not hard-rejected.
+def test_legacy_ak_secret_keys_are_accepted(start_sandbox: Callable[..., LiveServer]) -> None:
+    # §1: very old docs show test_ak_ secret keys; a merchant may be configured with one.
+    server = start_sandbox(secret_keys=["test_ak_legacy01"])
     response = httpx.get(f"{server.url}/v1/payments/nope", headers=basic("test_ak_legacy01"))
     assert error_of(response) == (404, "NOT_FOUND_PAYMENT")
 
@@ -477,6 +478,18 @@ def test_charge_accepts_valid_order_ids(
     assert charge(api, billing_key, order_id, 100).status_code == 200
 
 
+def test_charge_ignores_undocumented_fields(api: httpx.Client, control: httpx.Client) -> None:
+    # An assumption (CONFORMANCE.md): cardInstallmentPlan (older docs), currency and unknown
+    # fields are accepted and ignored on a billing charge; the client never sends them.
+    billing_key = new_billing_key(api, control)
+    extra = {"cardInstallmentPlan": 3, "currency": "USD", "brandNewField": {"x": 1}}
+    paid = charge(api, billing_key, "order-lenient-1", 4900, **extra)
+    assert paid.status_code == 200
+    body = paid.json()
+    assert (body["currency"], body["card"]["installmentPlanMonths"]) == ("KRW", 0)
+    assert "brandNewField" not in body
+
+
 def test_charge_with_unknown_billing_key(api: httpx.Client) -> None:
     assert error_of(charge(api, "no-such-key", "order-0001")) == (404, "NOT_FOUND_BILLING")
 
@@ -603,11 +616,15 @@ def test_test_code_status_follows_the_code_table(
 
 
 def test_test_code_header_is_ignored_with_live_keys(
-    server: LiveServer, api: httpx.Client, control: httpx.Client
+    start_sandbox: Callable[..., LiveServer],
 ) -> None:
-    billing_key = new_billing_key(api, control)
-    headers = {**basic(LIVE_SECRET_KEY), "TossPayments-Test-Code": "REJECT_CARD_PAYMENT"}
-    response = charge(api, billing_key, "order-tc-live", headers=headers)
+    server = start_sandbox(secret_keys=[LIVE_SECRET_KEY])
+    with httpx.Client(base_url=server.url, headers=basic(LIVE_SECRET_KEY)) as live:
+        # A live sandbox has no control API: the key comes from the card-number endpoint.
+        issued = _card_issue(live, GOOD_CARD)
+        assert issued.status_code == 200, issued.text
+        headers = {"TossPayments-Test-Code": "REJECT_CARD_PAYMENT"}
+        response = charge(live, issued.json()["billingKey"], "order-tc-live", headers=headers)
     assert response.status_code == 200
     assert response.json()["status"] == "DONE"
 

@@ -3,7 +3,7 @@
 -- back: `supabase test db` runs every file in name order in one database, so what it creates is
 -- there for the files after it (tests/test_pgtap.py runs it before each file). Idempotent, so a
 -- second run changes nothing. Test-only: no migration creates or uses schema tests.
-select plan(1);
+select plan(2);
 
 create schema if not exists tests authorization postgres;
 
@@ -40,6 +40,20 @@ begin
   return r;
 end $$;
 
+-- Runs one call of a service_record_* function (format() with args) as billing_service and returns
+-- its billing.recorded, so a test reads (tests.rec(...)).status / .changed / .detail. The call sits
+-- behind OFFSET 0 so that expanding the composite runs it once.
+create or replace function tests.rec(sql text, variadic args text[] default '{}') returns billing.recorded
+language plpgsql as $$
+declare
+  r billing.recorded;
+begin
+  perform tests.as_service();
+  execute pg_catalog.format('select (q.r).* from (%s offset 0) as q(r)', pg_catalog.format(sql, variadic args)) into r;
+  perform tests.as_owner();
+  return r;
+end $$;
+
 -- A Toss Payment object as the charge or a lookup returns it.
 create or replace function tests.payment(order_id text, amount bigint) returns jsonb language sql as $$
   select pg_catalog.jsonb_build_object(
@@ -49,26 +63,40 @@ create or replace function tests.payment(order_id text, amount bigint) returns j
     'receipt', pg_catalog.jsonb_build_object('url', 'https://receipt.example/' || order_id), 'cancels', null)
 $$;
 
--- A subscriber registers a card for the Pro plan; the service records the billing key Toss issued.
--- Returns service_complete_registration's result plus the customerKey and the key's sha256.
+-- The billing-key envelope the service writes (billing.is_key_envelope): version 1, the key id,
+-- a 12-byte nonce, then ciphertext and a 16-byte tag. Shaped only (nothing here can decrypt it) and
+-- derived from the key, so a test can name the envelope of a key it registered.
+create or replace function tests.envelope(billing_key text, key_id text default 'k1') returns bytea language sql as $$
+  select '\x01'::bytea || pg_catalog.set_byte('\x00'::bytea, 0, pg_catalog.length(key_id))
+         || pg_catalog.convert_to(key_id, 'UTF8')
+         || pg_catalog.substr(extensions.digest('nonce:' || billing_key, 'sha256'), 1, 12)
+         || pg_catalog.convert_to('ct:' || billing_key, 'UTF8')
+         || pg_catalog.substr(extensions.digest('tag:' || billing_key, 'sha256'), 1, 16)
+$$;
+
+-- A subscriber registers a card for the Pro plan; the service records the billing key Toss issued,
+-- as an envelope under key id k1. Returns service_complete_registration's result plus the
+-- customerKey and the key's sha256.
 create or replace function tests.register(sub text, billing_key text) returns jsonb language plpgsql as $$
 declare
   reg jsonb;
   done jsonb;
   sha text := pg_catalog.encode(extensions.digest(billing_key, 'sha256'), 'hex');
+  ct bytea := tests.envelope(billing_key);  -- before the role switches: the service cannot use extensions
 begin
   perform tests.as_user(sub);
   reg := api.begin_registration('pro');
   perform tests.as_service();
   done := billing.service_complete_registration(
-            reg ->> 'customerKey', pg_catalog.convert_to('ct:' || billing_key, 'UTF8'), 'k1', sha,
+            reg ->> 'customerKey', ct, 'k1', sha,
             '{"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용", "ownerType": "개인"}}');
   perform tests.as_owner();
   return done || pg_catalog.jsonb_build_object('customerKey', reg ->> 'customerKey', 'sha', sha);
 end $$;
 
--- The service claims every due attempt and answers each with the given outcome: 'ok' (approved),
--- 'claim' (claimed, no answer yet) or a failure classification (recorded with code).
+-- The service claims every due attempt and answers each, under the claim's lease token, with the
+-- given outcome: 'ok' (approved), 'claim' (claimed, no answer yet) or a failure classification
+-- (recorded with code). Returns the claim rows (lease tokens included).
 create or replace function tests.serve(outcome text default 'ok', code text default 'REJECT_CARD_PAYMENT')
 returns jsonb language plpgsql as $$
 declare
@@ -78,13 +106,13 @@ begin
   perform tests.as_service();
   for c in select * from billing.service_claim_attempts('tap', 100) loop
     if outcome = 'ok' then
-      perform billing.service_record_charge_success(c.attempt_id, tests.payment(c.order_id, c.amount));
+      perform billing.service_record_charge_success(c.attempt_id, c.lease_token, tests.payment(c.order_id, c.amount));
     elsif outcome = 'claim' then
       null;
     else
-      perform billing.service_record_charge_failure(c.attempt_id, code, 'refused', outcome);
+      perform billing.service_record_charge_failure(c.attempt_id, c.lease_token, code, 'refused', outcome);
     end if;
-    out := out || pg_catalog.jsonb_build_array(c.attempt_id);
+    out := out || pg_catalog.jsonb_build_array(pg_catalog.to_jsonb(c));
   end loop;
   perform tests.as_owner();
   return out;
@@ -104,8 +132,13 @@ select set_eq(
         and pg_catalog.has_schema_privilege(r.rolname, 'tests', 'usage')
         and pg_catalog.has_function_privilege(r.rolname, p.oid, 'execute') $$,
   $$ select f, r
-       from unnest(array['as_user', 'as_service', 'as_owner', 'svc', 'payment', 'register', 'serve']) f
+       from unnest(array['as_user', 'as_service', 'as_owner', 'svc', 'rec', 'payment', 'envelope', 'register',
+                          'serve']) f
       cross join unnest(array['authenticated', 'anon', 'billing_service', 'service_role']) r $$,
   'schema tests holds exactly the shared helpers, and every role the tests switch to may call them');
+
+select ok(billing.is_key_envelope(tests.envelope('bk_fixture'), 'k1')
+          and billing.is_key_envelope(tests.envelope('bk_fixture', 'key.2026-12'), 'key.2026-12'),
+  'the fixtures'' ciphertexts are billing-key envelopes, as the payment methods require');
 
 select * from finish();

@@ -1,7 +1,7 @@
 -- The exposed surface of billing core, pinned: every function in api and billing with who may
 -- execute it, every table and who may touch it (nobody but the owner), RLS, search paths, roles.
 begin;
-select plan(25);
+select plan(37);
 
 -- Roles
 select has_role('billing_service', 'the service''s role exists');
@@ -40,8 +40,12 @@ select functions_are('billing', array[
   'close_credit_grant', 'end_subscription', 'payment_cancels', 'cancel_count', 'sync_payment',
   'apply_charge_success', 'mark_past_due', 'after_charge_failure', 'replace_card', 'actor_role',
   'jwt_sub', 'require_sub', 'subscription_json', 'credit_balance', 'check_claim_args',
-  'check_error_args', 'resend_allowed', 'lock_attempt', 'attempt_result', 'check_reason',
+  'check_error_args', 'resend_allowed', 'lock_attempt', 'check_reason',
   'refundable_amount', 'create_refund', 'expire_leases',
+  -- the service contract: envelope check, fencing, one result shape, in-flight charges, redaction
+  'is_key_envelope', 'recorded_of', 'check_lease_token', 'charge_possibly_sent', 'settle_pending_cancel',
+  'attempt_recorded', 'lock_leased_attempt', 'redact_billing_keys', 'webhook_headers',
+  'assert_surface_locked_down',
   -- triggers
   'forbid_change', 'forbid_price_edit', 'audit_status', 'audit_subscription_settings',
   -- service
@@ -51,10 +55,12 @@ select functions_are('billing', array[
   'service_record_refund_result', 'service_ingest_webhook', 'service_claim_webhooks',
   'service_record_webhook_result', 'service_mark_payment_method_deleted',
   'service_claim_key_deletions', 'service_record_key_deleted', 'service_claim_notifications',
-  'service_record_notification_delivered',
+  'service_record_notification_delivered', 'service_keys_to_rotate', 'service_record_key_rotated',
+  'service_claim_reconciliations', 'service_unknown_payment_keys', 'service_record_reconciliation',
   -- operator and scheduler
   'request_refund', 'change_plan_price', 'cancel_subscription_now', 'retry_subscription_charge',
-  'configure_plan_dunning', 'ring_service', 'tick'], 'billing holds exactly these functions');
+  'configure_plan_dunning', 'ring_service', 'tick', 'ops_configure_doorbell', 'request_reconciliation',
+  'schedule_reconciliation', 'ops_reconciliation_report'], 'billing holds exactly these functions');
 
 -- Who may execute what: every (function, role) pair for the API roles, the service and the analyst.
 select set_eq(
@@ -75,21 +81,26 @@ select set_eq(
        ('billing.service_complete_registration(customer_key text, billing_key_ciphertext bytea, billing_key_key_id text, billing_key_sha256 text, card jsonb)', 'billing_service'),
        ('billing.service_fail_registration(customer_key text, code text, message text)', 'billing_service'),
        ('billing.service_claim_attempts(worker text, batch integer, lease interval)', 'billing_service'),
-       ('billing.service_record_charge_success(attempt_id uuid, payment jsonb)', 'billing_service'),
-       ('billing.service_record_charge_failure(attempt_id uuid, code text, message text, classification text)', 'billing_service'),
-       ('billing.service_record_charge_unknown(attempt_id uuid, detail text)', 'billing_service'),
-       ('billing.service_record_lookup_not_found(attempt_id uuid)', 'billing_service'),
+       ('billing.service_record_charge_success(attempt_id uuid, lease_token uuid, payment jsonb)', 'billing_service'),
+       ('billing.service_record_charge_failure(attempt_id uuid, lease_token uuid, code text, message text, classification text)', 'billing_service'),
+       ('billing.service_record_charge_unknown(attempt_id uuid, lease_token uuid, detail text)', 'billing_service'),
+       ('billing.service_record_lookup_not_found(attempt_id uuid, lease_token uuid)', 'billing_service'),
        ('billing.service_apply_payment_snapshot(payment jsonb)', 'billing_service'),
        ('billing.service_claim_refunds(worker text, batch integer, lease interval)', 'billing_service'),
-       ('billing.service_record_refund_result(refund_id uuid, payment jsonb, error_code text, error_message text, retryable boolean)', 'billing_service'),
+       ('billing.service_record_refund_result(refund_id uuid, lease_token uuid, payment jsonb, error_code text, error_message text, classification text)', 'billing_service'),
        ('billing.service_ingest_webhook(transmission_id text, event_type text, payload jsonb, headers jsonb)', 'billing_service'),
        ('billing.service_claim_webhooks(worker text, batch integer, lease interval)', 'billing_service'),
-       ('billing.service_record_webhook_result(webhook_event_id uuid, outcome text, error text)', 'billing_service'),
+       ('billing.service_record_webhook_result(webhook_event_id uuid, lease_token uuid, outcome text, error text)', 'billing_service'),
        ('billing.service_mark_payment_method_deleted(billing_key_sha256 text, reason text)', 'billing_service'),
        ('billing.service_claim_key_deletions(worker text, batch integer, lease interval)', 'billing_service'),
-       ('billing.service_record_key_deleted(key_deletion_id uuid, error_code text, error_message text)', 'billing_service'),
+       ('billing.service_record_key_deleted(key_deletion_id uuid, lease_token uuid, error_code text, error_message text)', 'billing_service'),
        ('billing.service_claim_notifications(worker text, batch integer, lease interval)', 'billing_service'),
-       ('billing.service_record_notification_delivered(notification_id bigint)', 'billing_service') $$,
+       ('billing.service_record_notification_delivered(notification_id bigint, lease_token uuid)', 'billing_service'),
+       ('billing.service_keys_to_rotate(active_key_id text, batch integer)', 'billing_service'),
+       ('billing.service_record_key_rotated(payment_method_id uuid, old_key_id text, billing_key_ciphertext bytea, billing_key_key_id text)', 'billing_service'),
+       ('billing.service_claim_reconciliations(worker text, batch integer, lease interval)', 'billing_service'),
+       ('billing.service_unknown_payment_keys(payment_keys text[])', 'billing_service'),
+       ('billing.service_record_reconciliation(reconciliation_id uuid, lease_token uuid, payment_keys text[], error_code text, error_message text)', 'billing_service') $$,
   'api is executable by authenticated only, service_* by billing_service only, nothing else by anyone');
 
 select is_empty(
@@ -119,7 +130,8 @@ select is_empty(
 select tables_are('billing', array[
   'clock', 'plans', 'plan_prices', 'customers', 'card_registrations', 'payment_methods', 'subscriptions',
   'billing_periods', 'charge_attempts', 'payments', 'refunds', 'credit_grants', 'credit_entries',
-  'webhook_events', 'key_deletions', 'notifications', 'events'], 'billing holds exactly these tables');
+  'webhook_events', 'key_deletions', 'notifications', 'events', 'reconciliation_runs'],
+  'billing holds exactly these tables');
 select is_empty(
   $$ select c.oid::regclass from pg_class c where c.relnamespace = 'api'::regnamespace $$,
   'api holds no tables, views or sequences');
@@ -151,11 +163,92 @@ select ok(has_table_privilege('analyst', 'analytics.subscription_counts', 'selec
           and not has_table_privilege('billing_service', 'analytics.subscription_counts', 'select'),
   'analytics views are for the analyst alone');
 
+-- The service contract: fencing tokens and one result shape ----------------------------------------
+select results_eq(
+  $$ select p.proname::text collate "default", a.name collate "default", format_type(a.type, null)
+       from pg_proc p
+      cross join lateral (select x.name, x.type
+                            from unnest(p.proargnames, p.proargmodes, p.proallargtypes) x(name, mode, type)
+                           where x.mode = 't' offset 1 limit 1) a
+      where p.pronamespace = 'billing'::regnamespace and p.proname like 'service\_claim\_%'
+      order by 1 $$,
+  $$ values ('service_claim_attempts'::text, 'lease_token'::text, 'uuid'::text),
+            ('service_claim_key_deletions', 'lease_token', 'uuid'),
+            ('service_claim_notifications', 'lease_token', 'uuid'),
+            ('service_claim_reconciliations', 'lease_token', 'uuid'),
+            ('service_claim_refunds', 'lease_token', 'uuid'),
+            ('service_claim_webhooks', 'lease_token', 'uuid') $$,
+  'every claim hands out its lease_token (uuid) as its second column');
+select results_eq(
+  $$ select p.proname::text collate "default", p.proargnames[2] collate "default", format_type(p.proargtypes[1], null), format_type(p.prorettype, null)
+       from pg_proc p
+      where p.pronamespace = 'billing'::regnamespace and p.proname like 'service\_record\_%'
+      order by 1 $$,
+  $$ values ('service_record_charge_failure'::text, 'lease_token'::text, 'uuid'::text, 'billing.recorded'::text),
+            ('service_record_charge_success', 'lease_token', 'uuid', 'billing.recorded'),
+            ('service_record_charge_unknown', 'lease_token', 'uuid', 'billing.recorded'),
+            ('service_record_key_deleted', 'lease_token', 'uuid', 'billing.recorded'),
+            ('service_record_key_rotated', 'old_key_id', 'text', 'billing.recorded'),
+            ('service_record_lookup_not_found', 'lease_token', 'uuid', 'billing.recorded'),
+            ('service_record_notification_delivered', 'lease_token', 'uuid', 'billing.recorded'),
+            ('service_record_reconciliation', 'lease_token', 'uuid', 'billing.recorded'),
+            ('service_record_refund_result', 'lease_token', 'uuid', 'billing.recorded'),
+            ('service_record_webhook_result', 'lease_token', 'uuid', 'billing.recorded') $$,
+  'every service_record_* returns billing.recorded, and each recording a queue''s work takes lease_token (uuid) '
+  'second (a key rotation is no queue work: it compares and sets the key id instead)');
+select results_eq(
+  $$ select a.attname::text collate "default", format_type(a.atttypid, a.atttypmod)
+       from pg_attribute a
+      where a.attrelid = (select typrelid from pg_type where oid = 'billing.recorded'::regtype)
+        and a.attnum > 0 and not a.attisdropped
+      order by a.attnum $$,
+  $$ values ('id'::text, 'text'::text), ('status', 'text'), ('changed', 'boolean'), ('detail', 'jsonb') $$,
+  'billing.recorded is (id text, status text, changed boolean, detail jsonb)');
+select is(billing.recorded_of('42', 'queued', true, null),
+  row('42', 'queued', true, '{}'::jsonb)::billing.recorded, 'recorded_of builds one, with an empty detail for null');
+select set_eq(
+  $$ select c.relname::text from pg_attribute a join pg_class c on c.oid = a.attrelid
+      where c.relnamespace = 'billing'::regnamespace and a.attname = 'lease_token'
+        and a.atttypid = 'uuid'::regtype and not a.attisdropped $$,
+  array['charge_attempts', 'refunds', 'webhook_events', 'key_deletions', 'notifications', 'reconciliation_runs'],
+  'every work queue carries a lease_token');
+select enum_has_labels('billing', 'failure_class',
+  array['unprocessed', 'transient', 'decline', 'needs_new_card', 'reconcile', 'bug'],
+  'failure classes: unprocessed (re-sent under the same key) comes before transient');
+select is(
+  (select pg_get_indexdef(i.indexrelid) from pg_index i
+    where i.indexrelid = 'billing.charge_attempts_one_in_flight_per_period_key'::regclass and i.indisunique),
+  'CREATE UNIQUE INDEX charge_attempts_one_in_flight_per_period_key ON billing.charge_attempts USING btree (period_id) '
+  'WHERE (status = ANY (ARRAY[''queued''::billing.attempt_status, ''claimed''::billing.attempt_status, '
+  '''unknown''::billing.attempt_status]))',
+  'a unique index keeps one attempt per period in flight');
+select is(
+  (select pg_get_constraintdef(c.oid) from pg_constraint c where c.conname = 'payment_methods_billing_key_envelope_check'
+      and c.conrelid = 'billing.payment_methods'::regclass),
+  'CHECK (billing.is_key_envelope(billing_key_ciphertext, billing_key_key_id))',
+  'a payment method holds its billing key only as an envelope');
+
+-- billing.assert_surface_locked_down, which every migration ends with ------------------------------
+select lives_ok($$ select billing.assert_surface_locked_down() $$, 'the surface as migrated passes its own check');
+create table billing.surface_probe (id int);
+grant execute on function billing.backoff(integer, interval, interval) to authenticated;
+select throws_ok($$ select billing.assert_surface_locked_down() $$, 'P0001',
+  'billing tables without row-level security: surface_probe',
+  'it refuses a billing table without row-level security (and would stop a migration)');
+alter table billing.surface_probe enable row level security;
+select throws_ok($$ select billing.assert_surface_locked_down() $$, 'P0001',
+  'functions with unintended EXECUTE privileges: billing.backoff(integer,interval,interval)',
+  'it refuses a billing function a subscriber could execute');
+
 -- The scheduler
 select results_eq(
   $$ select schedule, command from cron.job where jobname = 'saju-billing-tick' $$,
   $$ values ('* * * * *'::text, 'select billing.tick()'::text) $$,
   'pg_cron runs billing.tick() every minute');
+select results_eq(
+  $$ select schedule, command from cron.job where jobname = 'saju-billing-reconcile' $$,
+  $$ values ('0 18 * * *'::text, 'select billing.schedule_reconciliation()'::text) $$,
+  'pg_cron queues the reconciliation of the previous day at 03:00 KST (18:00 UTC)');
 
 select * from finish();
 rollback;

@@ -1,7 +1,7 @@
 -- The subscriber API: each function's privileges and behaviour, as signed-in users (role
 -- authenticated with request.jwt.claims), as anon and without a JWT.
 begin;
-select plan(55);
+select plan(57);
 
 -- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
@@ -106,6 +106,9 @@ select is(api.my_credits() -> 'grants' -> 0 ->> 'expiresAt', '2028-02-10T01:00:0
 select is(api.my_credits() -> 'entries' -> 0 ->> 'kind', 'grant', 'the ledger shows the grant');
 select throws_ok($$ select api.consume_credit('') $$, 'SB400', null, 'an empty reason: SB400');
 select throws_ok(format('select api.consume_credit(%L)', repeat('x', 201)), 'SB400', null, 'a long reason: SB400');
+select throws_ok(format('select api.consume_credit(%L)', E'\t\n \r\n'), 'SB400', 'reason must be 1–200 characters',
+  'a reason of tabs and newlines only is blank: SB400');
+select is((api.my_credits() ->> 'balance')::int, 10, 'refused reasons spend nothing');
 select is((api.consume_credit('saju test') ->> 'balance')::int, 9, 'consuming one credit leaves 9');
 select results_eq($$ select e ->> 'kind', (e ->> 'amount')::int, e ->> 'reason'
                       from jsonb_array_elements(api.my_credits() -> 'entries') e $$,
@@ -123,7 +126,10 @@ select is(api.my_credits(), '{"balance": 0, "grants": [], "entries": []}'::jsonb
 select throws_ok($$ select api.cancel_subscription() $$, 'SB404', null, 'nothing to cancel: SB404');
 select throws_ok($$ select api.resume_subscription() $$, 'SB404', null, 'nothing to resume: SB404');
 select tests.as_user('user-b');
-select throws_ok($$ select api.resume_subscription() $$, 'SB409', null, 'not scheduled to cancel: SB409');
+-- The message names the subscription (it once printed <NULL>).
+select throws_ok($$ select api.resume_subscription() $$, 'SB409',
+  format('subscription %s is not scheduled to cancel (or its period has ended)', :'b'::jsonb ->> 'subscriptionId'),
+  'not scheduled to cancel: SB409, naming the subscription');
 select api.cancel_subscription() as canceled \gset
 select is((:'canceled'::jsonb ->> 'cancelAtPeriodEnd')::boolean, true, 'cancel: at the end of the period');
 select is(:'canceled'::jsonb ->> 'status', 'active', 'access continues until then');
@@ -141,7 +147,9 @@ select api.cancel_subscription() is not null as _ \gset
 select tests.as_owner();
 select billing.advance_test_clock('31 days') is not null as _ \gset
 select tests.as_user('user-b');
-select throws_ok($$ select api.resume_subscription() $$, 'SB409', null, 'too late once the period has ended');
+select throws_ok($$ select api.resume_subscription() $$, 'SB409',
+  format('subscription %s is not scheduled to cancel (or its period has ended)', :'b'::jsonb ->> 'subscriptionId'),
+  'too late once the period has ended');
 select tests.as_owner();
 
 -- Canceling while past_due ends the subscription at once

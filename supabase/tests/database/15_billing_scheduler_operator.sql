@@ -2,7 +2,7 @@
 -- period end, grace, credit expiry, lease expiry, price versions, immediate cancel with a prorated
 -- refund, manual retries and dunning configuration.
 begin;
-select plan(55);
+select plan(85);
 
 -- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
@@ -30,6 +30,26 @@ select results_eq(format($$ select method::text, url, headers ->> 'Authorization
              'true'::text) $$,
   'net.http_post to <service url>/internal/doorbell with the bearer token from the vault and the summary');
 select is((select count(*) from net.http_request_queue), (:queued_before + 1)::bigint, 'one request per ringing tick');
+select throws_ok($$ select billing.ops_configure_doorbell('ftp://127.0.0.1/', 'doorbell-token-0123456789') $$,
+  'SB400', null, 'ops_configure_doorbell: not an http(s) URL: SB400');
+select throws_ok($$ select billing.ops_configure_doorbell('http://127.0.0.1:8788', 'short-token') $$,
+  'SB400', null, 'ops_configure_doorbell: a token under 16 characters: SB400');
+select throws_ok($$ select billing.ops_configure_doorbell('http://127.0.0.1:8788', 'doorbell token 0123456789') $$,
+  'SB400', null, 'ops_configure_doorbell: a token with white space: SB400');
+select throws_ok($$ select tests.svc('select billing.ops_configure_doorbell(%L, %L)', 'http://127.0.0.1:8788',
+                                     'doorbell-token-0123456789') $$,
+  '42501', null, 'ops_configure_doorbell: the service cannot move its own doorbell');
+select is(billing.ops_configure_doorbell('http://127.0.0.1:8788/', 'doorbell-token-rotated-0001'),
+  '{"serviceUrl": "http://127.0.0.1:8788", "changed": ["saju_billing_service_url", "saju_billing_doorbell_token"]}'::jsonb,
+  'ops_configure_doorbell: replaces both secrets in the vault');
+select is(billing.ops_configure_doorbell('http://127.0.0.1:8788', 'doorbell-token-rotated-0001') -> 'changed', '[]'::jsonb,
+  'ops_configure_doorbell: the same again changes nothing');
+select billing.ring_service('{"x": 2}') as bell2 \gset
+select results_eq(format($$ select url, headers ->> 'Authorization' from net.http_request_queue where id = %s $$, :bell2),
+  $$ values ('http://127.0.0.1:8788/internal/doorbell'::text, 'Bearer doorbell-token-rotated-0001'::text) $$,
+  'the doorbell rings where it was configured, with the new token');
+select is_empty($$ select e.id from billing.events e where e::text like '%doorbell-token%' $$,
+  'the doorbell token is never written to the event log');
 
 -- Five subscribers at 2028-01-10 10:00 KST ----------------------------------------------------------
 select tests.register('user-b', 'bk_b') as b \gset
@@ -126,15 +146,16 @@ select results_eq($$ select kind::text, amount from billing.credit_entries where
   'expired credits are written off in the ledger (one by the immediate cancel)');
 
 -- retry_subscription_charge -------------------------------------------------------------------------
-select is(jsonb_array_length(tests.serve('claim')), 2, 'b''s and f''s renewals are sent');
-select a.id as b_attempt, a.order_id as b_order from billing.charge_attempts a
- where a.subscription_id = (:'b'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
-select a.id as f_attempt from billing.charge_attempts a
- where a.subscription_id = (:'f'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
-select tests.svc('select billing.service_record_charge_success(%L, %L)', :'b_attempt',
-                   tests.payment(:'b_order', 12900)::text) is not null as _ \gset
-select tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'f_attempt',
-                   'INVALID_REQUEST', 'bug') is not null as _ \gset
+select tests.serve('claim') as sent \gset
+select is(jsonb_array_length(:'sent'), 2, 'b''s and f''s renewals are sent');
+select c ->> 'attempt_id' as b_attempt, c ->> 'order_id' as b_order, c ->> 'lease_token' as b_tok
+  from jsonb_array_elements(:'sent') c where c ->> 'subscription_id' = :'b'::jsonb ->> 'subscriptionId' \gset
+select c ->> 'attempt_id' as f_attempt, c ->> 'lease_token' as f_tok
+  from jsonb_array_elements(:'sent') c where c ->> 'subscription_id' = :'f'::jsonb ->> 'subscriptionId' \gset
+select (tests.rec('select billing.service_record_charge_success(%L, %L, %L)', :'b_attempt', :'b_tok',
+                   tests.payment(:'b_order', 12900)::text)).status as _ \gset
+select (tests.rec('select billing.service_record_charge_failure(%L, %L, %L, null, %L)', :'f_attempt', :'f_tok',
+                   'INVALID_REQUEST', 'bug')).status as _ \gset
 select is((select status::text from billing.subscriptions where id = (:'f'::jsonb ->> 'subscriptionId')::uuid), 'past_due',
   'a bug leaves the renewal unpaid');
 select throws_ok(format('select billing.retry_subscription_charge(%L)', :'b'::jsonb ->> 'subscriptionId'), 'SB409', null,
@@ -167,6 +188,9 @@ select results_eq($$ select (select count(*) from billing.refunds where status =
                             (select count(*) from billing.webhook_events where status = 'received'),
                             (select count(*) from billing.key_deletions where status = 'claimed') $$,
   $$ values (2::bigint, 1::bigint, 0::bigint) $$, 'back to requested / received');
+select is((select count(*)::int from billing.refunds where status = 'requested' and lease_owner is null
+             and lease_token is not null), 2,
+  'an expired lease leaves its token on the row until the next claim replaces it');
 
 -- Grace of a past_due subscription -------------------------------------------------------------------
 select billing.set_test_clock('2028-02-17 10:00+09') is not null as _ \gset
@@ -189,17 +213,18 @@ select is(jsonb_array_length(tests.serve('ok')), 1, 'user-g subscribes');
 select billing.set_test_clock('2028-03-17 10:00+09') is not null as _ \gset
 select billing.tick() is not null as _ \gset
 select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) as due \gset
-select a.id as g_attempt from billing.charge_attempts a
- where a.subscription_id = (:'g'::jsonb ->> 'subscriptionId')::uuid and a.status = 'claimed' \gset
-select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'g_attempt',
-                      'REJECT_CARD_PAYMENT', 'decline') -> 'next' ->> 'notBefore', '2028-03-18T01:00:00+00:00',
+select c ->> 'attempt_id' as g_attempt, c ->> 'lease_token' as g_tok
+  from jsonb_array_elements(:'due') c where c ->> 'subscription_id' = :'g'::jsonb ->> 'subscriptionId' \gset
+select is((tests.rec('select billing.service_record_charge_failure(%L, %L, %L, null, %L)', :'g_attempt', :'g_tok',
+                      'REJECT_CARD_PAYMENT', 'decline')).detail -> 'next' ->> 'notBefore', '2028-03-18T01:00:00+00:00',
   'declined: the single retry a day later');
 select billing.set_test_clock('2028-03-18 10:00+09') is not null as _ \gset
 select a.id as g_retry from billing.charge_attempts a
  where a.subscription_id = (:'g'::jsonb ->> 'subscriptionId')::uuid and a.status = 'queued' \gset
-select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) is not null as _ \gset
-select is(tests.svc('select billing.service_record_charge_failure(%L, %L, null, %L)', :'g_retry',
-                      'REJECT_CARD_PAYMENT', 'decline') -> 'next',
+select tests.svc($q$ select to_jsonb(array_agg(c)) from billing.service_claim_attempts('w') c $q$) -> 0 as g_claim \gset
+select is(:'g_claim'::jsonb ->> 'attempt_id', :'g_retry', 'the retry is claimed');
+select is((tests.rec('select billing.service_record_charge_failure(%L, %L, %L, null, %L)', :'g_retry',
+                       :'g_claim'::jsonb ->> 'lease_token', 'REJECT_CARD_PAYMENT', 'decline')).detail -> 'next',
   '{"action": "ended", "status": "unpaid"}'::jsonb, 'declined again: the schedule is exhausted');
 select results_eq(format($$ select s.status::text, s.ended_at, bp.status::text from billing.subscriptions s
                               join billing.billing_periods bp on bp.id = s.current_period_id where s.id = %L $$,
@@ -212,12 +237,82 @@ select is((select kd.status::text from billing.key_deletions kd join billing.sub
             where s.id = (:'g'::jsonb ->> 'subscriptionId')::uuid), 'requested',
   'its billing key is queued for deletion at Toss');
 
+-- Reconciliation with Toss's transaction list ------------------------------------------------------
+select throws_ok($$ select billing.request_reconciliation('2028-01-11 00:00+09', '2028-01-10 00:00+09') $$, 'SB400', null,
+  'request_reconciliation: a window that ends before it starts: SB400');
+select throws_ok($$ select billing.request_reconciliation('2028-01-01 00:00+09', '2028-02-02 00:00+09') $$, 'SB400', null,
+  'request_reconciliation: a window over 31 days: SB400');
+select throws_ok($$ select tests.svc('select to_jsonb(billing.request_reconciliation(%L, %L))', '2028-01-10', '2028-01-11') $$,
+  '42501', null, 'the service cannot queue reconciliations');
+-- Every payment here was approved on 2028-01-10 (tests.payment), so that day's window holds them all.
+select billing.request_reconciliation('2028-01-10 00:00+09', '2028-01-11 00:00+09') as rec1 \gset
+select is(billing.request_reconciliation('2028-01-10 00:00+09', '2028-01-11 00:00+09'), :'rec1'::uuid,
+  'the same window while it is queued: the same run');
+select tests.svc($q$ select jsonb_agg(to_jsonb(c)) from billing.service_claim_reconciliations('w') c $q$) as rc \gset
+select is((select jsonb_agg(e - 'lease_token') from jsonb_array_elements(:'rc') e),
+  jsonb_build_array(jsonb_build_object('reconciliation_id', :'rec1', 'window_start', '2028-01-09T15:00:00+00:00',
+    'window_end', '2028-01-10T15:00:00+00:00', 'lease_expires_at', '2028-03-18T01:10:00+00:00')),
+  'service_claim_reconciliations: the window under a ten-minute lease');
+select :'rc'::jsonb -> 0 ->> 'lease_token' as rec_tok \gset
+select (select payment_key from billing.payments order by payment_key limit 1) as pk_known,
+       (select array_agg(payment_key order by payment_key) from billing.payments) as pks \gset
+select is(tests.svc('select jsonb_agg(k.payment_key) from billing.service_unknown_payment_keys(%L) k',
+                    array['pk_at_toss_only', :'pk_known', null, 'pk_at_toss_only']::text),
+  '["pk_at_toss_only"]'::jsonb, 'service_unknown_payment_keys: the keys the ledger lacks, once each, nulls ignored');
+select throws_ok(format($$ select tests.rec('select billing.service_record_reconciliation(%%L, %%L)', %L, %L) $$,
+                        :'rec1', :'rec_tok'),
+  'SB400', null, 'service_record_reconciliation: neither payment keys nor an error: SB400');
+select throws_ok(format($$ select tests.rec('select billing.service_record_reconciliation(%%L, %%L, %%L)', %L, %L, %L) $$,
+                        :'rec1', gen_random_uuid(), :'pks'),
+  'SB409', null, 'service_record_reconciliation: another lease''s token: SB409');
+select throws_ok(format($$ select tests.rec('select billing.service_record_reconciliation(%%L, null, %%L)', %L, %L) $$,
+                        :'rec1', :'pks'),
+  'SB400', null, 'service_record_reconciliation: no token: SB400');
+select throws_ok($$ select tests.rec('select billing.service_record_reconciliation(%L, %L, null, %L)', gen_random_uuid()::text,
+                                     gen_random_uuid()::text, 'X') $$,
+  'SB404', null, 'service_record_reconciliation: an unknown run: SB404');
+select is((select status::text from billing.reconciliation_runs where id = :'rec1'), 'claimed', 'refused results change nothing');
+select count(*)::int as alerts_before from billing.notifications where kind = 'alert' \gset
+-- Toss lists one payment the ledger lacks and leaves out the ledger's first one.
+select is(tests.rec('select billing.service_record_reconciliation(%L, %L, %L)', :'rec1', :'rec_tok',
+                    ((:'pks'::text[])[2:] || array['pk_at_toss_only'])::text),
+  row(:'rec1', 'done', true, jsonb_build_object('listed', cardinality(:'pks'::text[]), 'unknown', 1, 'missing', 1))::billing.recorded,
+  'service_record_reconciliation: done, counting what each side lacks');
+select results_eq(format($$ select payload ->> 'topic', payload -> 'details' from billing.notifications
+                             where kind = 'alert' order by id offset %s $$, :alerts_before),
+  format($$ values ('approved at Toss but missing from the ledger'::text, '{"paymentKeys": ["pk_at_toss_only"]}'::jsonb),
+                   ('in the ledger but not listed by Toss', %L::jsonb) $$,
+         (select jsonb_build_object('paymentKey', payment_key, 'orderId', order_id, 'amount', total_amount,
+                                    'reconciliationId', :'rec1') from billing.payments where payment_key = :'pk_known')),
+  'each gap is an operator alert');
+select is((tests.rec('select billing.service_record_reconciliation(%L, %L, %L)', :'rec1', :'rec_tok', :'pks')).changed, false,
+  'the same result again changes nothing');
+select is(billing.request_reconciliation('2028-01-10 00:00+09', '2028-01-11 00:00+09'), :'rec1'::uuid,
+  'a window already reconciled can be run again');
+select tests.svc($q$ select jsonb_agg(to_jsonb(c)) from billing.service_claim_reconciliations('w') c $q$) -> 0 ->> 'lease_token'
+  as rec_tok2 \gset
+select is(tests.rec('select billing.service_record_reconciliation(%L, %L, null, %L, %L)', :'rec1', :'rec_tok2',
+                    'COMMON_ERROR', 'try later'),
+  row(:'rec1', 'requested', true, '{}'::jsonb)::billing.recorded, 'an error: requested again');
+select is((select not_before from billing.reconciliation_runs where id = :'rec1'), '2028-03-18 10:10+09'::timestamptz,
+  'after a backoff');
+select results_eq($$ select status, listed, unknown, missing, error_code from billing.ops_reconciliation_report(100) $$,
+  format($$ values ('requested'::text, %s, 1, 1, 'COMMON_ERROR'::text) $$, (select count(*) from billing.payments)),
+  'ops_reconciliation_report: the runs of the last days with their counts');
+select is_empty($$ select * from billing.ops_reconciliation_report(30) $$, 'ops_reconciliation_report: only the days asked for');
+select billing.schedule_reconciliation() as rec2 \gset
+select results_eq(format($$ select window_start, window_end, status::text from billing.reconciliation_runs where id = %L $$, :'rec2'),
+  $$ values ('2028-03-17 00:00+09'::timestamptz, '2028-03-18 00:00+09'::timestamptz, 'requested'::text) $$,
+  'schedule_reconciliation: the previous Asia/Seoul day');
+
 -- Every operator function is for the owner alone
 select is_empty($$ select p.oid::regprocedure from pg_proc p
                     where p.pronamespace = 'billing'::regnamespace
                       and p.proname in ('request_refund', 'change_plan_price', 'cancel_subscription_now',
                                         'retry_subscription_charge', 'configure_plan_dunning', 'tick', 'ring_service',
-                                        'enable_test_clock', 'set_test_clock', 'advance_test_clock')
+                                        'enable_test_clock', 'set_test_clock', 'advance_test_clock',
+                                        'ops_configure_doorbell', 'request_reconciliation', 'schedule_reconciliation',
+                                        'ops_reconciliation_report')
                       and (has_function_privilege('billing_service', p.oid, 'execute')
                            or has_function_privilege('authenticated', p.oid, 'execute')
                            or has_function_privilege('service_role', p.oid, 'execute')) $$,

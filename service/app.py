@@ -1,0 +1,371 @@
+"""The billing service: the only holder of the Toss secret key.
+
+Routes (OpenAPI at ``/openapi.json``):
+
+* ``POST /internal/doorbell`` — pg_net rings it after ``billing.tick()``; work is then pulled.
+* ``POST /webhooks/toss`` — Toss's webhooks, stored first, processed by the worker.
+* ``GET /billing/cards/{customer_key}`` — the hosted card page (Toss SDK v2 requestBillingAuth).
+* ``GET /billing/success`` / ``GET /billing/fail`` — the SDK's redirects.
+* ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+from typing import Any, TypedDict
+from urllib.parse import urlencode
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+
+from service import db
+from service.crypto import Keyring
+from service.logs import AccessLog
+from service.metrics import Metrics
+from service.settings import Settings, load
+from service.toss import TossClient, TossException
+from service.workers import Worker
+
+_log = logging.getLogger("saju_billing.app")
+
+# Toss's customerKey rule (and ours: 'ck_' + 32 hex digits); authKeys are opaque but bounded.
+_CUSTOMER_KEY = re.compile(r"[A-Za-z0-9_=.@-]{2,50}")
+_AUTH_KEY = re.compile(r"[A-Za-z0-9_=.@-]{1,300}")
+_FAIL_CODE = re.compile(r"[A-Z0-9_]{1,100}")
+WEBHOOK_MAX_BYTES = 256 * 1024
+_PAGES = resources.files("service") / "pages"
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    pool: AsyncConnectionPool[Any]
+    http: httpx.AsyncClient
+    toss: TossClient
+    keyring: Keyring
+    worker: Worker
+    metrics: Metrics
+
+
+class State(TypedDict):
+    services: Services
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.state.services
+    return services
+
+
+def _problem(status: int, code: str, message: str) -> JSONResponse:
+    """A machine-readable refusal: {"code", "message"} (the shape Toss's own API uses)."""
+    return JSONResponse({"code": code, "message": message}, status_code=status)
+
+
+def _page(name: str, status: int = 200, **values: str) -> HTMLResponse:
+    text = (_PAGES / name).read_text(encoding="utf-8")
+    escaped = {k: html.escape(v) for k, v in values.items()}
+    return HTMLResponse(Template(text).substitute(escaped), status_code=status)
+
+
+# ----------------------------------------------------------------------------------- doorbell
+
+
+async def doorbell(request: Request) -> Response:
+    """
+    summary: Work is waiting (rung by billing.tick through pg_net); the service pulls it.
+    responses:
+      202: {description: accepted; a drain starts or one more pass is queued}
+      401: {description: missing or wrong token}
+    """
+    s = _services(request)
+    given = request.headers.get("authorization", "")
+    expected = "Bearer " + s.settings.doorbell_token.get_secret_value()
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        return _problem(401, "UNAUTHORIZED", "missing or wrong doorbell token")
+    s.worker.ring()
+    return JSONResponse({"accepted": True}, status_code=202)
+
+
+# ----------------------------------------------------------------------------------- webhooks
+
+
+async def toss_webhook(request: Request) -> Response:
+    """
+    summary: A Toss webhook; stored before anything else, answered at once, processed later.
+    requestBody:
+      required: true
+      content: {application/json: {schema: {type: object}}}
+    responses:
+      200: {description: stored (or a duplicate of a stored one)}
+      400: {description: not a JSON object, or no event type}
+      413: {description: body larger than 256 KiB}
+    """
+    s = _services(request)
+    if int(request.headers.get("content-length") or 0) > WEBHOOK_MAX_BYTES:
+        return _problem(413, "PAYLOAD_TOO_LARGE", "webhook bodies are at most 256 KiB")
+    raw = await request.body()
+    if len(raw) > WEBHOOK_MAX_BYTES:
+        return _problem(413, "PAYLOAD_TOO_LARGE", "webhook bodies are at most 256 KiB")
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _problem(400, "INVALID_JSON", "the body is not JSON")
+    if not isinstance(payload, dict):
+        return _problem(400, "INVALID_JSON", "the body is not a JSON object")
+    # Toss's transmission id dedupes retries; without one the body itself is the identity.
+    transmission = request.headers.get("tosspayments-webhook-transmission-id") or (
+        "sha256:" + hashlib.sha256(raw).hexdigest()
+    )
+    event_type = payload.get("eventType")
+    try:
+        async with s.pool.connection() as conn:
+            stored = await db.run(
+                conn,
+                db.service_ingest_webhook(
+                    transmission[:200],
+                    event_type if isinstance(event_type, str) else None,
+                    payload,
+                    dict(request.headers),
+                ),
+            )
+    except db.InvalidInput as exc:
+        s.metrics.webhooks.labels("invalid", "refused").inc()
+        return _problem(400, "INVALID_WEBHOOK", str(exc))
+    s.metrics.webhooks.labels(
+        stored.resolved_event_type[:40], "duplicate" if stored.duplicate else stored.status
+    ).inc()
+    if not stored.duplicate and stored.status == "received":
+        s.worker.ring()
+    return JSONResponse({"received": True, "duplicate": stored.duplicate})
+
+
+# ------------------------------------------------------------------------------- registration
+
+
+async def card_page(request: Request) -> Response:
+    """
+    summary: The hosted card page for a pending registration (Toss SDK v2 requestBillingAuth).
+    parameters:
+      - {name: customer_key, in: path, required: true, schema: {type: string}}
+    responses:
+      200: {description: the page}
+      400: {description: not a customerKey}
+    """
+    s = _services(request)
+    customer_key = request.path_params["customer_key"]
+    if not _CUSTOMER_KEY.fullmatch(customer_key):
+        return _page("error.html", 400, title="Invalid link", detail="INVALID_CUSTOMER_KEY")
+    base = s.settings.public_url.rstrip("/")
+    return _page(
+        "card.html",
+        sdk_url=s.settings.toss_sdk_url,
+        client_key=s.settings.toss_client_key,
+        customer_key=customer_key,
+        success_url=f"{base}/billing/success",
+        fail_url=f"{base}/billing/fail",
+    )
+
+
+async def registration_success(request: Request) -> Response:
+    """
+    summary: The SDK's success redirect; issues the billing key and records it.
+    parameters:
+      - {name: customerKey, in: query, required: true, schema: {type: string}}
+      - {name: authKey, in: query, required: true, schema: {type: string}}
+    responses:
+      303: {description: registered; on to the app}
+      400: {description: missing or malformed parameters}
+      409: {description: the registration is not pending (expired, used, failed)}
+      502: {description: Toss refused or did not answer}
+    """
+    s = _services(request)
+    customer_key = request.query_params.get("customerKey", "")
+    auth_key = request.query_params.get("authKey", "")
+    if not (_CUSTOMER_KEY.fullmatch(customer_key) and _AUTH_KEY.fullmatch(auth_key)):
+        return _page("error.html", 400, title="Invalid request", detail="INVALID_REQUEST")
+    # The authKey is single-use: a retried redirect must reuse the key of the first issue.
+    idempotency_key = hashlib.sha256(f"issue:{customer_key}:{auth_key}".encode()).hexdigest()
+    try:
+        billing = await s.toss.issue_billing_key(
+            auth_key, customer_key, idempotency_key=idempotency_key
+        )
+    except TossException as exc:
+        _log.warning("billing-key issue failed: %s", exc)
+        return _page("error.html", 502, title="Card registration failed", detail=str(exc)[:200])
+    card = None
+    if billing.card is not None:
+        card = {
+            "number": billing.card.number,
+            "issuerCode": billing.card.issuer_code,
+            "acquirerCode": billing.card.acquirer_code,
+            "cardType": billing.card.card_type,
+            "ownerType": billing.card.owner_type,
+        }
+    sealed = s.keyring.seal(billing.billing_key, customer_key)
+    try:
+        async with s.pool.connection() as conn:
+            done = await db.run(conn, db.service_complete_registration(customer_key, sealed, card))
+    except (db.Conflict, db.NotFound, db.InvalidInput) as exc:
+        # The key exists at Toss but nothing here will use it: delete it now.
+        try:
+            await s.toss.delete_billing_key(billing.billing_key)
+        except TossException:
+            _log.exception("could not delete an unused billing key; delete it in the console")
+        code = "REGISTRATION_NOT_PENDING" if isinstance(exc, db.Conflict) else "INVALID_REQUEST"
+        status = 409 if isinstance(exc, db.Conflict) else 400
+        return _page("error.html", status, title="Card registration failed", detail=code)
+    s.worker.ring()  # the first period is charged right away
+    target = (
+        s.settings.app_url
+        + "?"
+        + urlencode({"status": "registered", "subscriptionId": str(done.subscription_id)})
+    )
+    return RedirectResponse(target, 303)
+
+
+async def registration_fail(request: Request) -> Response:
+    """
+    summary: The SDK's fail redirect; records the failure and explains it.
+    parameters:
+      - {name: code, in: query, required: true, schema: {type: string}}
+      - {name: message, in: query, required: false, schema: {type: string}}
+      - {name: customerKey, in: query, required: false, schema: {type: string}}
+    responses:
+      200: {description: the failure page}
+      400: {description: missing or malformed code}
+    """
+    s = _services(request)
+    code = request.query_params.get("code", "")
+    message = request.query_params.get("message", "")[:510]
+    customer_key = request.query_params.get("customerKey", "")
+    if not _FAIL_CODE.fullmatch(code):
+        return _page("error.html", 400, title="Invalid request", detail="INVALID_REQUEST")
+    if _CUSTOMER_KEY.fullmatch(customer_key):
+        try:
+            async with s.pool.connection() as conn:
+                await db.run(conn, db.service_fail_registration(customer_key, code, message))
+        except (db.NotFound, db.Conflict) as exc:
+            _log.info("fail redirect for a registration that is not pending: %s", exc)
+    return _page("failed.html", code=code, message=message or code)
+
+
+# ---------------------------------------------------------------------------------- operations
+
+
+async def healthz(request: Request) -> Response:
+    """
+    summary: The process is up.
+    responses:
+      200: {description: up}
+    """
+    return JSONResponse({"ok": True})
+
+
+async def readyz(request: Request) -> Response:
+    """
+    summary: The database answers as the service role and the keyring is loaded.
+    responses:
+      200: {description: ready}
+      503: {description: not ready}
+    """
+    s = _services(request)
+    try:
+        async with s.pool.connection(timeout=5) as conn:
+            ok = await db.ping(conn)
+    except Exception:  # any failure to reach the database means "not ready"
+        ok = False
+    body = {"database": ok, "keyring": s.keyring.active_key_id}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """
+    summary: Prometheus metrics.
+    responses:
+      200: {description: text exposition format}
+    """
+    return Response(
+        generate_latest(_services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+_schemas = SchemaGenerator(
+    {"openapi": "3.0.3", "info": {"title": "saju-billing service", "version": "1"}}
+)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(_schemas.get_schema(routes=request.app.routes))
+
+
+routes = [
+    Route("/internal/doorbell", doorbell, methods=["POST"]),
+    Route("/webhooks/toss", toss_webhook, methods=["POST"]),
+    Route("/billing/cards/{customer_key}", card_page, methods=["GET"]),
+    Route("/billing/success", registration_success, methods=["GET"]),
+    Route("/billing/fail", registration_fail, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+]
+
+
+def build_app(settings: Settings | None = None, *, run_worker: bool = True) -> Starlette:
+    """The service app; settings are read from the environment when not given."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        s = settings or load()
+        role = s.db_role
+
+        async def configure(conn: Any) -> None:
+            await db.configure_session(conn, role)
+
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            s.database_url.get_secret_value(),
+            min_size=1,
+            max_size=s.db_pool_size,
+            kwargs={"autocommit": True},
+            configure=configure,
+            open=False,
+        )
+        await pool.open(wait=True, timeout=30)
+        http = httpx.AsyncClient()
+        toss = TossClient(
+            s.secret_key(),
+            base_url=s.toss_api_url,
+            http=http,
+            timeout=s.toss_charge_timeout_s,
+            lookup_timeout=s.toss_lookup_timeout_s,
+        )
+        keyring = s.keyring()
+        registry = Metrics()
+        worker = Worker(s, pool, toss, keyring, http, registry)
+        if run_worker:
+            worker.start()
+        try:
+            yield {"services": Services(s, pool, http, toss, keyring, worker, registry)}
+        finally:
+            await worker.stop()
+            await http.aclose()
+            await pool.close()
+
+    return Starlette(routes=routes, middleware=[Middleware(AccessLog)], lifespan=lifespan)
