@@ -75,9 +75,26 @@ def _supervise(args: argparse.Namespace) -> int:
 
 
 def _sandbox(args: argparse.Namespace) -> int:
-    from service.sandbox.app import serve
+    import os
 
-    serve(host=args.host, port=args.port, webhook_url=args.webhook_url, seed=args.seed)
+    from service.sandbox.app import serve
+    from service.sandbox.merchants import load_specs
+
+    try:
+        specs = load_specs(args.secret_key, args.secret_keys_file, dict(os.environ))
+        serve(
+            host=args.host,
+            port=args.port,
+            webhook_url=args.webhook_url,
+            seed=args.seed,
+            secret_keys=specs or None,
+            rate_limit=None if args.no_rate_limit else args.rate_limit,
+            record_failed_charges=args.record_failed_charges,
+            cancel_webhooks=args.cancel_webhooks,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"saju-billing sandbox: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -103,6 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--port", type=int, default=8100)
     sb.add_argument("--webhook-url", default=None, help="where to deliver Toss-style webhooks")
     sb.add_argument("--seed", type=int, default=0, help="seed for injected fault rates")
+    sb.add_argument(
+        "--secret-key",
+        action="append",
+        default=[],
+        metavar="KEY[:KEY...]",
+        help="a merchant's keys (e.g. test_ck_…:test_sk_…); repeat for more merchants; "
+        "also read from --secret-keys-file and $SAJU_SANDBOX_SECRET_KEYS "
+        "(default: the docs' test keys)",
+    )
+    sb.add_argument("--secret-keys-file", default=None, help="merchant specs, one per line")
+    sb.add_argument(
+        "--rate-limit",
+        type=int,
+        default=100,
+        help="requests per minute per test secret key and API (default: Toss's 100)",
+    )
+    sb.add_argument("--no-rate-limit", action="store_true", help="turn the rate limit off")
+    sb.add_argument(
+        "--record-failed-charges",
+        action="store_true",
+        help="keep a failed charge as an ABORTED payment findable by orderId",
+    )
+    sb.add_argument(
+        "--cancel-webhooks",
+        choices=["status_change", "every_cancel", "none"],
+        default="status_change",
+        help="when a cancel sends PAYMENT_STATUS_CHANGED (default: on a status change)",
+    )
     sb.set_defaults(func=_sandbox)
     return parser
 

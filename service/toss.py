@@ -3,15 +3,20 @@
 Follows ``reference/toss-api.md``: Basic auth with ``base64(secretKey + ":")``, billing-key
 issuance, charge, cancel, lookups, transactions and billing-key deletion. Results are frozen
 dataclasses that ignore unknown fields (Toss adds fields without a version bump); money is int
-KRW. Every error response becomes a :class:`TossError` carrying Toss's ``code``, the HTTP
-status and an :class:`ErrorClass` that says what the caller may do next. No response at all
-(timeout, dropped connection, unreadable 2xx) is :class:`TossOutcomeUnknown`: the request may or
-may not have been executed, so it is resolved by a lookup or by re-sending with the same
-Idempotency-Key, never by treating it as a decline.
+KRW. What each answer means for the caller:
+
+* a result: Toss answered 2xx with a body that matches the request (order, amount, customer,
+  a ``DONE`` charge); one that does not is :class:`TossReplyMismatch`, never a success;
+* :class:`TossError`: an error response, with Toss's ``code``, the HTTP status, its
+  :class:`FailureClass` (see ``service.toss_errors``) and a 429's ``retry_after``;
+* :class:`TossOutcomeUnknown`: no usable answer (timeout, transport error, the call's overall
+  deadline, an unreadable 2xx): the request may or may not have run, so it is resolved by a
+  lookup or by re-sending with the same Idempotency-Key, never read as a decline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import logging
@@ -19,12 +24,26 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
+
+from service.toss_errors import (
+    ERROR_CODES,
+    CodeSpec,
+    FailureClass,
+    Operation,
+    TossChargeFailed,
+    TossError,
+    TossException,
+    TossMalformedResponse,
+    TossOutcomeUnknown,
+    TossReplyMismatch,
+    classify,
+    parse_retry_after,
+)
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -35,22 +54,22 @@ __all__ = [
     "Cancel",
     "Card",
     "CodeSpec",
-    "ErrorClass",
     "Failure",
+    "FailureClass",
     "Operation",
-    "Outcome",
     "Payment",
     "Receipt",
     "SecretKey",
+    "TossChargeFailed",
     "TossClient",
     "TossError",
     "TossException",
     "TossMalformedResponse",
     "TossOutcomeUnknown",
+    "TossReplyMismatch",
     "Transaction",
+    "check_secret_key",
     "classify",
-    "classify_decline_code",
-    "outcome_of",
     "parse_time",
 ]
 
@@ -81,16 +100,42 @@ _Result = TypeVar("_Result")
 # --------------------------------------------------------------------------- secret key
 
 
+def check_secret_key(value: str) -> str:
+    """``value`` if it can be a Toss key, else ValueError saying what is wrong (not the key).
+
+    Keys pasted from a file often carry a UTF-8 byte-order mark or a trailing newline; sent
+    as they are they make a mangled Basic header that Toss answers with 401.
+    """
+    if not value:
+        raise ValueError("the Toss secret key is empty")
+    if "\ufeff" in value:
+        raise ValueError(
+            "the Toss secret key contains a byte-order mark (U+FEFF); "
+            "save the key file as UTF-8 without BOM"
+        )
+    if any(ch.isspace() for ch in value):
+        raise ValueError(
+            "the Toss secret key contains whitespace or a line break "
+            "(often the newline at the end of a key file); remove it"
+        )
+    if ":" in value:
+        raise ValueError("the Toss secret key contains ':', which Basic credentials cannot carry")
+    if not value.isascii() or not value.isprintable():
+        raise ValueError("the Toss secret key contains characters other than printable ASCII")
+    return value
+
+
 class SecretKey:
-    """A Toss secret key that never shows itself in reprs, logs or exception text."""
+    """A Toss secret key that never shows itself in reprs, logs or exception text.
+
+    Refused when loaded (ValueError with a clear message) if it is empty or carries a BOM,
+    whitespace, a line break, ':' or non-ASCII characters.
+    """
 
     __slots__ = ("_value",)
 
     def __init__(self, value: str) -> None:
-        if not value or ":" in value or value != value.strip():
-            # A ':' would corrupt the Basic credentials; whitespace usually means a paste error.
-            raise ValueError("invalid Toss secret key format")
-        self._value = value
+        self._value = check_secret_key(value)
 
     def reveal(self) -> str:
         return self._value
@@ -116,339 +161,6 @@ class SecretKey:
 
     def __hash__(self) -> int:
         return hash((SecretKey, self._value))
-
-
-# --------------------------------------------------------------------------- error taxonomy
-
-
-class ErrorClass(StrEnum):
-    """What a caller may do after an error response."""
-
-    # Re-send the identical request with the same Idempotency-Key after a backoff. 409 and 429
-    # were not processed, so the re-send runs; an error Toss did process (PROVIDER_ERROR, a
-    # 5xx) is replayed under that key for 15 days, and a replay means: reconcile, then start
-    # a new attempt (new orderId and key).
-    TRANSIENT = "transient"
-    # The card refused this charge; a later dunning attempt (new orderId and key) may succeed.
-    DECLINE = "decline"
-    # The billing key or card is unusable (or blocked until the subscriber calls the issuer):
-    # no automatic retry; the subscriber must register a card again.
-    NEEDS_NEW_CARD = "needs_new_card"
-    # Toss's state differs from ours (order exists, already cancelled ...): look it up first.
-    RECONCILE_FIRST = "reconcile_first"
-    # Our request or configuration is wrong; retrying cannot help.
-    BUG_OR_CONFIG = "bug_or_config"
-
-
-class Operation(StrEnum):
-    ISSUE_BILLING_KEY = "issue_billing_key"
-    CHARGE = "charge"
-    CANCEL = "cancel"
-    GET_PAYMENT = "get_payment"
-    GET_PAYMENT_BY_ORDER = "get_payment_by_order"
-    LIST_TRANSACTIONS = "list_transactions"
-    DELETE_BILLING_KEY = "delete_billing_key"
-
-    @property
-    def moves_money(self) -> bool:
-        return self in (Operation.CHARGE, Operation.CANCEL)
-
-
-@dataclass(frozen=True, slots=True)
-class CodeSpec:
-    """One row of the error table: HTTP status Toss uses, class, and Toss's (Korean) message."""
-
-    http_status: int
-    error_class: ErrorClass
-    message: str
-
-
-def _group(error_class: ErrorClass, rows: Mapping[str, tuple[int, str]]) -> dict[str, CodeSpec]:
-    return {code: CodeSpec(status, error_class, msg) for code, (status, msg) in rows.items()}
-
-
-# The code table (reference §9b): HTTP status, class and message of every known code, in one
-# place. Statuses marked [UNC] in the reference use its recommendation. Messages are Toss's
-# wording where the reference quotes it, otherwise a close paraphrase.
-ERROR_CODES: Mapping[str, CodeSpec] = {
-    **_group(
-        ErrorClass.BUG_OR_CONFIG,
-        {
-            "UNAUTHORIZED_KEY": (401, "인증되지 않은 시크릿 키 혹은 클라이언트 키 입니다."),
-            "INVALID_API_KEY": (400, "잘못된 시크릿키 연동 정보 입니다."),
-            "INCORRECT_BASIC_AUTH_FORMAT": (
-                403,
-                "잘못된 요청입니다. ':' 를 포함해 인코딩해주세요.",
-            ),
-            "FORBIDDEN_REQUEST": (403, "허용되지 않은 요청입니다."),
-            "NOT_SUPPORTED_METHOD": (400, "지원되지 않는 결제 수단입니다."),
-            "NOT_FOUND_HTTP_METHOD": (404, "요청한 API를 찾을 수 없습니다."),
-            "INVALID_REQUEST": (400, "잘못된 요청입니다."),
-            "INVALID_REQUIRED_PARAM": (400, "필수 파라미터가 누락되었습니다."),
-            "INVALID_ORDER_ID": (
-                400,
-                "orderId는 영문 대소문자, 숫자, 특수문자(-, _)만 허용합니다. "
-                "6자 이상 64자 이하여야 합니다.",
-            ),
-            "INVALID_ORDER_NAME": (400, "주문명은 1자 이상 100자 이하여야 합니다."),
-            "INVALID_CUSTOMER_KEY": (400, "customerKey는 2자 이상 255자 이하여야 합니다."),
-            "INVALID_EMAIL": (400, "유효하지 않은 이메일 주소 형식입니다."),
-            "BELOW_MINIMUM_AMOUNT": (
-                400,
-                "신용카드는 결제금액이 100원 이상, 계좌는 200원이상부터 결제가 가능합니다.",
-            ),
-            "BELOW_ZERO_AMOUNT": (400, "금액은 0보다 커야 합니다."),
-            "NOT_MATCHES_CUSTOMER_KEY": (
-                400,
-                "빌링 인증 고객키와 결제 요청 고객키가 일치하지 않습니다.",
-            ),
-            "INVALID_IDEMPOTENCY_KEY": (400, "멱등키는 300자 이하여야 합니다."),
-            "NOT_FOUND_PAYMENT": (404, "존재하지 않는 결제 입니다."),
-            "NOT_FOUND_PAYMENT_SESSION": (
-                404,
-                "결제 시간이 만료되어 결제 진행 데이터가 존재하지 않습니다.",
-            ),
-            "INVALID_CARD_INSTALLMENT_PLAN": (400, "할부 개월 정보가 잘못되었습니다."),
-            "NOT_SUPPORTED_INSTALLMENT_PLAN_CARD_OR_MERCHANT": (
-                400,
-                "할부가 지원되지 않는 카드 또는 가맹점 입니다.",
-            ),
-            "NOT_SUPPORTED_MONTHLY_INSTALLMENT_PLAN": (400, "할부가 지원되지 않습니다."),
-            "EXCEED_MAX_CARD_INSTALLMENT_PLAN": (
-                400,
-                "설정 가능한 최대 할부 개월 수를 초과했습니다.",
-            ),
-            # 500 "due to an invalid request value" (e.g. a 301-char customerKey): a bug,
-            # except on charge/cancel, where classify() makes every 5xx reconcile-first.
-            "FAILED_DB_PROCESSING": (500, "잘못된 요청 값으로 처리 중 DB 에러가 발생했습니다."),
-            # cancel refusals that no retry fixes
-            "NOT_CANCELABLE_PAYMENT": (403, "취소 할 수 없는 결제 입니다."),
-            "EXCEED_MAX_REFUND_DUE": (403, "환불 가능한 기간이 지났습니다."),
-            "NOT_ALLOWED_PARTIAL_REFUND": (403, "부분 환불이 불가능한 결제입니다."),
-            "NOT_ALLOWED_PARTIAL_REFUND_WAITING_DEPOSIT": (
-                403,
-                "입금 대기중인 결제는 부분 환불이 불가합니다.",
-            ),
-            "REFUND_REJECTED": (400, "환불이 거절됐습니다. 결제사에 문의 부탁드립니다."),
-            # The rest of the cancel endpoint's table (reference §5). It gives no retry advice
-            # for these, so they are not retried; most concern virtual-account refunds.
-            "INVALID_REFUND_ACCOUNT_INFO": (400, "환불 계좌번호와 예금주명이 일치하지 않습니다."),
-            "INVALID_REFUND_ACCOUNT_NUMBER": (400, "잘못된 환불 계좌번호입니다."),
-            "INVALID_BANK": (400, "유효하지 않은 은행입니다."),
-            "FORBIDDEN_BANK_REFUND_REQUEST": (400, "고객 계좌가 입금이 되지 않는 상태입니다."),
-            "EXCEED_CANCEL_AMOUNT_DISCOUNT_AMOUNT": (
-                400,
-                "즉시할인금액보다 적은 금액은 부분취소가 불가능합니다.",
-            ),
-            "NOT_CANCELABLE_PAYMENT_FOR_DORMANT_USER": (
-                403,
-                "휴면 처리된 회원의 결제는 취소할 수 없습니다.",
-            ),
-            "EXCEED_CANCEL_LIMIT": (403, "취소 가능한 한도를 초과했습니다."),
-        },
-    ),
-    **_group(
-        ErrorClass.NEEDS_NEW_CARD,
-        {
-            "INVALID_BILLING_AUTH": (400, "유효하지 않은 빌링 인증입니다."),
-            "INVALID_BILL_KEY_REQUEST": (400, "인증되지 않은 빌링키 요청입니다."),
-            "ALREADY_REMOVED_BILLING_KEY": (400, "이미 삭제된 빌링키입니다."),
-            "BILLING_KEY_NOT_FOUND": (400, "존재하지 않는 빌링키입니다."),
-            "NOT_FOUND_BILLING": (404, "존재하지 않는 빌링 인증 정보입니다."),
-            "INVALID_CARD_NUMBER": (400, "카드번호를 다시 확인해주세요."),
-            "INVALID_CARD_EXPIRATION": (400, "카드 정보를 다시 확인해주세요. (유효기간)"),
-            "INVALID_STOPPED_CARD": (400, "정지된 카드 입니다."),
-            "INVALID_REJECT_CARD": (400, "카드 사용이 거절되었습니다. 카드사 문의가 필요합니다."),
-            "INVALID_CARD_LOST_OR_STOLEN": (400, "분실 혹은 도난 카드입니다."),
-            "NOT_SUPPORTED_CARD_TYPE": (400, "지원되지 않는 카드 종류입니다."),
-            "NOT_REGISTERED_CARD_COMPANY": (400, "카드를 사용 등록 후 이용해주세요."),
-            "INVALID_CARD_PASSWORD": (400, "카드 비밀번호를 다시 확인해주세요."),
-            "INVALID_CARD_IDENTITY": (
-                400,
-                "입력하신 주민번호/사업자번호가 카드 소유주 정보와 일치하지 않습니다.",
-            ),
-            "INVALID_BIRTH_DAY_FORMAT": (
-                400,
-                "생년월일 정보는 6자리의 yyMMdd 형식이어야 합니다.",
-            ),
-            # Reference §9b: "no (contact issuer)". Not a decline to dun: every further
-            # attempt is one more authentication the issuer counts; the subscriber must act.
-            "EXCEED_MAX_AUTH_COUNT": (
-                403,
-                "최대 인증 횟수를 초과했습니다. 카드사로 문의해주세요.",
-            ),
-        },
-    ),
-    **_group(
-        ErrorClass.DECLINE,
-        {
-            "REJECT_CARD_PAYMENT": (403, "한도초과 혹은 잔액부족으로 결제에 실패했습니다."),
-            "REJECT_CARD_COMPANY": (403, "결제 승인이 거절되었습니다."),
-            "REJECT_ACCOUNT_PAYMENT": (403, "잔액부족으로 결제에 실패했습니다."),
-            "EXCEED_MAX_DAILY_PAYMENT_COUNT": (400, "하루 결제 가능 횟수를 초과했습니다."),
-            "EXCEED_MAX_PAYMENT_AMOUNT": (400, "하루 결제 가능 금액을 초과했습니다."),
-            "EXCEED_MAX_AMOUNT": (400, "거래금액 한도를 초과했습니다."),
-            "EXCEED_MAX_ONE_DAY_AMOUNT": (400, "일일 한도를 초과했습니다."),
-        },
-    ),
-    **_group(
-        ErrorClass.RECONCILE_FIRST,
-        {
-            "DUPLICATED_ORDER_ID": (
-                400,
-                "이미 승인 및 취소가 진행된 중복된 주문번호 입니다. 다른 주문번호로 진행해주세요.",
-            ),
-            "ALREADY_PROCESSED_PAYMENT": (400, "이미 처리된 결제 입니다."),
-            "ALREADY_CANCELED_PAYMENT": (400, "이미 취소된 결제 입니다."),
-            # Also Toss's answer once partial cancels have brought the balance to 0 (§5).
-            "NOT_CANCELABLE_AMOUNT": (403, "취소 할 수 없는 금액 입니다."),
-            "NOT_MATCHES_REFUNDABLE_AMOUNT": (400, "잔액 결과가 일치하지 않습니다."),
-            "ALREADY_REFUND_PAYMENT": (400, "이미 환불된 결제입니다."),
-        },
-    ),
-    **_group(
-        ErrorClass.TRANSIENT,
-        {
-            "IDEMPOTENT_REQUEST_PROCESSING": (409, "이전 멱등 요청이 처리중입니다."),
-            "PROVIDER_ERROR": (400, "일시적인 오류가 발생했습니다. 잠시 후 다시 시도해주세요."),
-            "FORBIDDEN_CONSECUTIVE_REQUEST": (
-                403,
-                "반복적인 요청은 허용되지 않습니다. 잠시 후 다시 시도해주세요.",
-            ),
-            "NOT_AVAILABLE_BANK": (403, "은행 서비스 시간이 아닙니다."),
-            "FAILED_INTERNAL_SYSTEM_PROCESSING": (
-                500,
-                "내부 시스템 처리 작업이 실패했습니다. 잠시 후 다시 시도해주세요.",
-            ),
-            "FAILED_PAYMENT_INTERNAL_SYSTEM_PROCESSING": (
-                500,
-                "결제가 완료되지 않았어요. 다시 시도해주세요.",
-            ),
-            "FAILED_CARD_COMPANY_RESPONSE": (
-                500,
-                "카드사에서 오류가 발생했습니다. 잠시 후 다시 시도해 주세요.",
-            ),
-            "FAILED_BILL_KEY_AUTH_CREATION": (500, "빌링 인증 과정에서 키 생성이 실패했습니다."),
-            "FAILED_REFUND_PROCESS": (
-                500,
-                "은행 응답시간 지연이나 일시적인 오류로 환불요청에 실패했습니다.",
-            ),
-            "FAILED_METHOD_HANDLING_CANCEL": (
-                500,
-                "취소 중 결제 시 사용한 결제 수단 처리과정에서 일시적인 오류가 발생했습니다.",
-            ),
-            "FAILED_PARTIAL_REFUND": (
-                500,
-                "은행 점검, 해약 계좌 등의 사유로 부분 환불이 실패했습니다.",
-            ),
-            "COMMON_ERROR": (500, "일시적인 오류가 발생했습니다. 잠시 후 다시 시도해주세요."),
-            "UNKNOWN_ERROR": (500, "알 수 없는 에러가 발생했습니다."),
-            "UNKNOWN_PAYMENT_ERROR": (500, "결제에 실패했어요. 잠시 후 다시 시도해주세요."),
-        },
-    ),
-}
-
-
-def classify_decline_code(code: str) -> ErrorClass:
-    """Class of a Toss error code alone (e.g. a code stored with a failed attempt).
-
-    ErrorClass is a str enum, so the result compares and stores as a plain string. Unknown
-    codes are BUG_OR_CONFIG: without the HTTP status the safe reading is "do not retry".
-    """
-    spec = ERROR_CODES.get(code)
-    return spec.error_class if spec else ErrorClass.BUG_OR_CONFIG
-
-
-def classify(code: str, http_status: int, operation: Operation | None = None) -> ErrorClass:
-    """Class of an error response; the HTTP status can override the code table."""
-    if http_status == 429:
-        return ErrorClass.TRANSIENT
-    if http_status >= 500 and operation is not None and operation.moves_money:
-        # A 5xx from a charge or cancel does not prove nothing happened: look the payment up
-        # before re-sending (the same Idempotency-Key then makes the re-send safe).
-        return ErrorClass.RECONCILE_FIRST
-    spec = ERROR_CODES.get(code)
-    if spec is not None:
-        return spec.error_class
-    # Unknown codes: a 5xx is the server's trouble and worth another try; an unknown 4xx is
-    # never retried blindly, because a retry that cannot succeed just hides a problem.
-    return ErrorClass.TRANSIENT if http_status >= 500 else ErrorClass.BUG_OR_CONFIG
-
-
-class Outcome(StrEnum):
-    """What a billing attempt turned into, for the billing service's state machine."""
-
-    SUCCEEDED = "succeeded"
-    DECLINED = "declined"
-    NEEDS_NEW_CARD = "needs_new_card"
-    UNKNOWN = "unknown"
-    FAILED = "failed"
-
-
-_OUTCOME_BY_CLASS: Mapping[ErrorClass, Outcome] = {
-    # The attempt stays open: resolved by a lookup or a re-send with the same key.
-    ErrorClass.TRANSIENT: Outcome.UNKNOWN,
-    ErrorClass.RECONCILE_FIRST: Outcome.UNKNOWN,
-    ErrorClass.DECLINE: Outcome.DECLINED,
-    ErrorClass.NEEDS_NEW_CARD: Outcome.NEEDS_NEW_CARD,
-    ErrorClass.BUG_OR_CONFIG: Outcome.FAILED,
-}
-
-
-def outcome_of(error: TossException | None) -> Outcome:
-    """Map the result of ``charge`` (None = it returned a Payment) to an attempt outcome."""
-    if error is None:
-        return Outcome.SUCCEEDED
-    if isinstance(error, TossError):
-        return _OUTCOME_BY_CLASS[error.error_class]
-    return Outcome.UNKNOWN
-
-
-class TossException(Exception):
-    """Base of everything this module raises about a Toss call."""
-
-
-class TossError(TossException):
-    """Toss answered with an error response."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        http_status: int,
-        operation: Operation | None = None,
-    ) -> None:
-        self.code = code
-        self.message = message
-        self.http_status = http_status
-        self.operation = operation
-        self.error_class = classify(code, http_status, operation)
-        where = f" on {operation}" if operation else ""
-        super().__init__(f"{code} (HTTP {http_status}){where}: {message}")
-
-    @property
-    def retry_same_request(self) -> bool:
-        """True when re-sending the identical request with the same key is the next step."""
-        return self.error_class is ErrorClass.TRANSIENT
-
-    def __repr__(self) -> str:
-        return (
-            f"TossError(code={self.code!r}, http_status={self.http_status}, "
-            f"error_class={self.error_class.value!r}, operation={self.operation!r})"
-        )
-
-
-class TossOutcomeUnknown(TossException):
-    """No usable response (timeout, transport error): the request may or may not have run."""
-
-    def __init__(self, operation: Operation, reason: str) -> None:
-        self.operation = operation
-        self.reason = reason
-        super().__init__(f"outcome of {operation} unknown: {reason}")
-
-
-class TossMalformedResponse(TossOutcomeUnknown):
-    """A 2xx response that could not be read; for a charge the money may have moved."""
 
 
 # --------------------------------------------------------------------------- results
@@ -676,13 +388,10 @@ class Payment:
     failure: Failure | None
     country: str | None
     version: str | None
+    # Not in Toss's documented Payment object; checked against the request when present.
+    customer_key: str | None = None
     # Webhook verification value: a PAYMENT_STATUS_CHANGED carrying it is genuine.
     secret: str | None = field(repr=False, default=None)
-
-    @property
-    def fully_refunded(self) -> bool:
-        # Toss can leave status PARTIAL_CANCELED with nothing left, so judge by the balance.
-        return self.balance_amount == 0 and bool(self.cancels)
 
     @classmethod
     def _parse(cls, f: _Fields) -> Payment:
@@ -717,6 +426,7 @@ class Payment:
             failure=Failure(failure.text("code"), failure.text("message")) if failure else None,
             country=f.opt_text("country"),
             version=f.opt_text("version"),
+            customer_key=f.opt_text("customerKey"),
             secret=f.opt_text("secret"),
         )
 
@@ -768,12 +478,33 @@ def _transactions_time(value: datetime) -> str:
     return local.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+# Operations Toss documents as slow (up to 60 s) or that move money or keys.
+_SLOW = frozenset(
+    {
+        Operation.ISSUE_BILLING_KEY,
+        Operation.CHARGE,
+        Operation.CANCEL,
+        Operation.LIST_TRANSACTIONS,
+    }
+)
+# What a lookup of a charge's orderId can say about that charge.
+_CHARGED = frozenset({"DONE", "CANCELED", "PARTIAL_CANCELED"})
+_FAILED = frozenset({"ABORTED", "EXPIRED"})
+
+
+def _expect(operation: Operation, what: str, expected: object, actual: object) -> None:
+    if expected != actual:
+        raise TossReplyMismatch(operation, what, expected, actual)
+
+
 class TossClient:
     """Async client for the Toss Payments billing API.
 
     ``http`` may be a shared ``httpx.AsyncClient`` (it is then left open); otherwise the
-    client owns one. ``timeout`` applies to calls that Toss documents as slow (issue, charge,
-    cancel, transactions: up to 60 s, so it should stay >= 60 in production).
+    client owns one. ``timeout`` is the overall deadline of a call that Toss documents as slow
+    (issue, charge, cancel, transactions: up to 60 s, so it stays >= 60 in production);
+    ``lookup_timeout`` that of the others. The deadline covers the whole exchange, so a server
+    that trickles bytes cannot keep a call alive past it.
     """
 
     def __init__(
@@ -789,8 +520,7 @@ class TossClient:
         self._base_url = base_url.rstrip("/")
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient()
-        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        self._lookup_timeout = httpx.Timeout(lookup_timeout, connect=min(lookup_timeout, 10.0))
+        self._deadline = {True: timeout, False: lookup_timeout}
 
     def __repr__(self) -> str:
         return f"TossClient(base_url={self._base_url!r}, secret_key={self._secret!r})"
@@ -813,18 +543,27 @@ class TossClient:
     # ---- API
 
     async def issue_billing_key(
-        self, auth_key: str, customer_key: str, *, idempotency_key: str | None = None
+        self, auth_key: str, customer_key: str, *, idempotency_key: str
     ) -> Billing:
-        """Exchange the one-time authKey from the SDK redirect for a billing key."""
+        """Exchange the one-time authKey from the SDK redirect for a billing key.
+
+        ``idempotency_key`` must be derived from the registration: the authKey works once,
+        so after a timeout only a re-send under the same key can return the billing key.
+        """
+        if not idempotency_key:
+            raise ValueError("issue_billing_key needs the registration's idempotency key")
+        op = Operation.ISSUE_BILLING_KEY
         body = {"authKey": auth_key, "customerKey": customer_key}
         data = await self._call(
-            Operation.ISSUE_BILLING_KEY,
+            op,
             "POST",
             "/v1/billing/authorizations/issue",
             json=body,
             idempotency_key=idempotency_key,
         )
-        return self._parse(Operation.ISSUE_BILLING_KEY, Billing._parse, data, "billing")
+        billing = self._parse(op, Billing._parse, data, "billing")
+        _expect(op, "customerKey", customer_key, billing.customer_key)
+        return billing
 
     async def charge(
         self,
@@ -839,7 +578,12 @@ class TossClient:
         idempotency_key: str,
     ) -> Payment:
         """Approve a billing charge. Re-send with the same order_id and key, never new ones,
-        until the outcome is known (see :class:`TossOutcomeUnknown`)."""
+        until the outcome is known (see :class:`TossOutcomeUnknown`).
+
+        The reply must be a ``DONE`` payment of this order, amount and customer; anything else
+        raises :class:`TossReplyMismatch`.
+        """
+        op = Operation.CHARGE
         body: dict[str, object] = {
             "customerKey": customer_key,
             "amount": amount,
@@ -851,13 +595,16 @@ class TossClient:
         if customer_name is not None:
             body["customerName"] = customer_name
         data = await self._call(
-            Operation.CHARGE,
+            op,
             "POST",
             f"/v1/billing/{_path_segment(billing_key)}",
             json=body,
             idempotency_key=idempotency_key,
         )
-        return self._parse(Operation.CHARGE, Payment._parse, data, "payment")
+        payment = self._parse(op, Payment._parse, data, "payment")
+        self._check_charge(op, payment, order_id, amount, customer_key)
+        _expect(op, "status", "DONE", payment.status)
+        return payment
 
     async def cancel(
         self,
@@ -869,44 +616,82 @@ class TossClient:
         refundable_amount: int | None = None,
     ) -> Payment:
         """Cancel ``amount`` (None = the whole remaining balance). ``refundable_amount`` is an
-        optimistic lock: Toss refuses if its balance differs."""
+        optimistic lock: Toss refuses if its balance differs.
+
+        The returned payment (its ``cancels`` and ``balanceAmount``) is the refund's record;
+        webhooks are not needed to learn it.
+        """
+        op = Operation.CANCEL
         body: dict[str, object] = {"cancelReason": reason}
         if amount is not None:
             body["cancelAmount"] = amount
         if refundable_amount is not None:
             body["refundableAmount"] = refundable_amount
         data = await self._call(
-            Operation.CANCEL,
+            op,
             "POST",
             f"/v1/payments/{_path_segment(payment_key)}/cancel",
             json=body,
             idempotency_key=idempotency_key,
         )
-        return self._parse(Operation.CANCEL, Payment._parse, data, "payment")
+        payment = self._parse(op, Payment._parse, data, "payment")
+        _expect(op, "paymentKey", payment_key, payment.payment_key)
+        if payment.status not in ("CANCELED", "PARTIAL_CANCELED") or not payment.cancels:
+            raise TossReplyMismatch(op, "status", "CANCELED or PARTIAL_CANCELED", payment.status)
+        return payment
 
     async def get_payment(self, payment_key: str) -> Payment:
-        data = await self._call(
-            Operation.GET_PAYMENT, "GET", f"/v1/payments/{_path_segment(payment_key)}"
-        )
-        return self._parse(Operation.GET_PAYMENT, Payment._parse, data, "payment")
+        op = Operation.GET_PAYMENT
+        data = await self._call(op, "GET", f"/v1/payments/{_path_segment(payment_key)}")
+        payment = self._parse(op, Payment._parse, data, "payment")
+        _expect(op, "paymentKey", payment_key, payment.payment_key)
+        return payment
 
     async def get_payment_by_order(self, order_id: str) -> Payment | None:
         """The payment for ``order_id``, or None when Toss has none (404 NOT_FOUND_PAYMENT).
 
-        This is how an unknown charge outcome is resolved. None only means "not charged" once
-        the original request can no longer be in flight at Toss (its 60 s window has passed).
+        Whatever its status: a failed charge may come back as ``ABORTED`` with ``failure``.
+        :meth:`lookup_charge` reads the answer for a charge attempt.
         """
+        op = Operation.GET_PAYMENT_BY_ORDER
         try:
-            data = await self._call(
-                Operation.GET_PAYMENT_BY_ORDER,
-                "GET",
-                f"/v1/payments/orders/{_path_segment(order_id)}",
-            )
+            data = await self._call(op, "GET", f"/v1/payments/orders/{_path_segment(order_id)}")
         except TossError as exc:
             if exc.code == "NOT_FOUND_PAYMENT":
                 return None
             raise
-        return self._parse(Operation.GET_PAYMENT_BY_ORDER, Payment._parse, data, "payment")
+        payment = self._parse(op, Payment._parse, data, "payment")
+        _expect(op, "orderId", order_id, payment.order_id)
+        return payment
+
+    async def lookup_charge(
+        self, order_id: str, amount: int, customer_key: str | None = None
+    ) -> Payment | None:
+        """What became of the charge sent as ``order_id``: how an unknown outcome is resolved.
+
+        * a Payment: it was approved (``DONE``, or refunded since), for this amount;
+        * None: Toss has no payment for the order. That means "not charged" only once the
+          original request can no longer be in flight at Toss (its 60 s window has passed);
+        * :class:`TossChargeFailed`: it failed. Toss may keep a failed charge as ``ABORTED``
+          with ``failure`` (undocumented); that is a failed charge, not a success and not
+          "not found";
+        * :class:`TossOutcomeUnknown`: still in progress at Toss;
+        * :class:`TossReplyMismatch`: the payment is for another amount or customer.
+        """
+        op = Operation.GET_PAYMENT_BY_ORDER
+        payment = await self.get_payment_by_order(order_id)
+        if payment is None:
+            return None
+        self._check_charge(op, payment, order_id, amount, customer_key)
+        if payment.status in _CHARGED:
+            return payment
+        if payment.status in _FAILED:
+            # A failed payment without its reason: Toss's own generic failure code.
+            failure = payment.failure or Failure("UNKNOWN_PAYMENT_ERROR", "결제에 실패했어요.")
+            raise TossChargeFailed(
+                failure.code, failure.message, op, payment.payment_key, payment.status
+            )
+        raise TossOutcomeUnknown(op, f"payment is {payment.status}")
 
     async def list_transactions(
         self, start: datetime, end: datetime, *, page_size: int = 100
@@ -914,21 +699,17 @@ class TossClient:
         """Every approval and cancel with ``transactionAt`` in [start, end], page by page."""
         if not 1 <= page_size <= 5000:
             raise ValueError("page_size must be within 1..5000")
+        op = Operation.LIST_TRANSACTIONS
         params = {
             "startDate": _transactions_time(start),
             "endDate": _transactions_time(end),
             "limit": str(page_size),
         }
         while True:
-            data = await self._call(
-                Operation.LIST_TRANSACTIONS, "GET", "/v1/transactions", params=params
-            )
+            data = await self._call(op, "GET", "/v1/transactions", params=params)
             if not isinstance(data, list):
-                raise TossMalformedResponse(Operation.LIST_TRANSACTIONS, "expected an array")
-            page = [
-                self._parse(Operation.LIST_TRANSACTIONS, Transaction._parse, item, "transaction")
-                for item in data
-            ]
+                raise TossMalformedResponse(op, "expected an array")
+            page = [self._parse(op, Transaction._parse, item, "transaction") for item in data]
             for transaction in page:
                 yield transaction
             if len(page) < page_size:
@@ -941,6 +722,15 @@ class TossClient:
         )
 
     # ---- plumbing
+
+    @staticmethod
+    def _check_charge(
+        op: Operation, payment: Payment, order_id: str, amount: int, customer_key: str | None
+    ) -> None:
+        _expect(op, "orderId", order_id, payment.order_id)
+        _expect(op, "totalAmount", amount, payment.total_amount)
+        if customer_key is not None and payment.customer_key is not None:
+            _expect(op, "customerKey", customer_key, payment.customer_key)
 
     async def _call(
         self,
@@ -955,25 +745,22 @@ class TossClient:
         headers = {"Authorization": self._secret.authorization()}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
-        slow = operation in (
-            Operation.ISSUE_BILLING_KEY,
-            Operation.CHARGE,
-            Operation.CANCEL,
-            Operation.LIST_TRANSACTIONS,
+        deadline = self._deadline[operation in _SLOW]
+        request = self._http.build_request(
+            method,
+            self._base_url + path,
+            json=json,
+            params=params,
+            headers=headers,
+            timeout=httpx.Timeout(deadline, connect=min(deadline, 10.0)),
         )
         try:
-            response = await self._http.request(
-                method,
-                self._base_url + path,
-                json=json,
-                params=params,
-                headers=headers,
-                timeout=self._timeout if slow else self._lookup_timeout,
-            )
-        except httpx.TransportError as exc:
-            # Paths can hold billing keys, so neither the URL nor the exception text is logged.
-            _log.warning("toss %s: no response (%s)", operation, type(exc).__name__)
-            raise TossOutcomeUnknown(operation, type(exc).__name__) from None
+            # httpx's timeouts bound each read, not the exchange: this bounds the whole call.
+            async with asyncio.timeout(deadline):
+                response = await self._send(operation, request)
+        except TimeoutError:
+            _log.warning("toss %s: no complete response within %s s", operation, deadline)
+            raise TossOutcomeUnknown(operation, "deadline exceeded") from None
         _log.debug("toss %s: HTTP %s", operation, response.status_code)
         if response.is_success:
             if not response.content:
@@ -983,6 +770,26 @@ class TossClient:
             except ValueError:
                 raise TossMalformedResponse(operation, "2xx body is not JSON") from None
         raise self._error(operation, response)
+
+    async def _send(self, operation: Operation, request: httpx.Request) -> httpx.Response:
+        """The response with its body read; any failure to get both is outcome-unknown,
+        except an error status whose body is unreadable (the status alone classifies it)."""
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            # Paths can hold billing keys, so neither the URL nor the exception text is logged.
+            _log.warning("toss %s: no response (%s)", operation, type(exc).__name__)
+            raise TossOutcomeUnknown(operation, type(exc).__name__) from None
+        try:
+            await response.aread()
+        except (httpx.DecodingError, httpx.TransportError) as exc:
+            _log.warning("toss %s: unreadable body (%s)", operation, type(exc).__name__)
+            if response.is_success or isinstance(exc, httpx.TransportError):
+                raise TossMalformedResponse(operation, type(exc).__name__) from None
+            return httpx.Response(response.status_code, headers=response.headers)
+        finally:
+            await response.aclose()
+        return response
 
     @staticmethod
     def _error(operation: Operation, response: httpx.Response) -> TossError:
@@ -999,7 +806,8 @@ class TossClient:
                 code = str(inner["code"])
             if isinstance(inner.get("message"), str):
                 message = str(inner["message"])
-        error = TossError(code, message, response.status_code, operation)
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        error = TossError(code, message, response.status_code, operation, retry_after=retry_after)
         _log.info("toss %s: %s %s (%s)", operation, response.status_code, code, error.error_class)
         return error
 

@@ -2,13 +2,18 @@
 
 Every API request goes through :func:`_serve`:
 
-1. Basic auth (401 UNAUTHORIZED_KEY; widget keys on billing routes: 400 INVALID_API_KEY);
-2. injected ``error`` faults (answered at once, never stored under an Idempotency-Key);
+1. Basic auth: the secret key picks the merchant whose data the request sees; a key of no
+   configured merchant is 401 UNAUTHORIZED_KEY; widget keys on billing routes: 400
+   INVALID_API_KEY;
+2. the rate limit per secret key and API (429 ``TOO_MANY_REQUESTS`` with ``Retry-After``),
+   then injected ``error`` faults (both answered at once, never stored under a key);
 3. for POST with an Idempotency-Key: replay the stored first response, or 409 while the first
    request is in flight, or 400 INVALID_IDEMPOTENCY_KEY over 300 characters;
 4. processing: ``latency``/``hold`` faults, then ``TossPayments-Test-Code`` (test keys only),
    then the handler; the response is stored under the key;
 5. ``latency_after_commit`` / ``drop_after_commit`` faults on the way out.
+
+Messages follow ``Accept-Language`` (``en-US``: English).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,8 +34,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.sandbox.cards import CardRejected, register_card
-from service.sandbox.context import SandboxConfig, sandbox_of
-from service.sandbox.errors import ApiError, json_bytes
+from service.sandbox.context import Sandbox, sandbox_of
+from service.sandbox.errors import TOO_MANY_REQUESTS, ApiError, Language, json_bytes, language
 from service.sandbox.faults import FaultKind
 from service.sandbox.idempotency import (
     IN_FLIGHT,
@@ -38,12 +44,12 @@ from service.sandbox.idempotency import (
     StoredResponse,
     secret_digest,
 )
+from service.sandbox.merchants import Merchant
 from service.sandbox.store import ChargeRequest, Json
 from service.toss import KST
 
 _ORDER_ID = re.compile(r"[A-Za-z0-9_=-]{6,64}")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-_SECRET_KEY = re.compile(r"(test|live)_(sk|gsk|ak)_\S+")
 # Answers that mean "not processed": never stored under an Idempotency-Key.
 _NOT_PROCESSED = frozenset({409, 429})
 
@@ -53,16 +59,23 @@ Result = Json | list[Json] | None
 
 @dataclass(frozen=True, slots=True)
 class Caller:
+    merchant: Merchant
     secret_digest: str
     live: bool
     widget: bool
 
 
-Handler = Callable[[Request], Awaitable[Result]]
+Handler = Callable[[Request, Caller], Awaitable[Result]]
 
 
-def authenticate(request: Request, config: SandboxConfig) -> Caller:
-    header = request.headers.get("Authorization", "")
+def basic_secret(request: Request) -> str | None:
+    """The secret key of the request's Basic credentials; None without an Authorization header.
+
+    ApiError for credentials that are not Basic ``base64(key + ":")``.
+    """
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "basic" or not token:
         raise ApiError("UNAUTHORIZED_KEY")
@@ -73,22 +86,15 @@ def authenticate(request: Request, config: SandboxConfig) -> Caller:
     secret, colon, _ = decoded.partition(":")
     if not colon:
         raise ApiError("INCORRECT_BASIC_AUTH_FORMAT")
-    allowed = (
-        secret in config.secret_keys
-        if config.secret_keys is not None
-        else _SECRET_KEY.fullmatch(secret) is not None
-    )
-    if not allowed:
+    return secret
+
+
+def authenticate(request: Request, sandbox: Sandbox) -> Caller:
+    secret = basic_secret(request)
+    merchant = sandbox.merchant_for_secret(secret) if secret else None
+    if secret is None or merchant is None:
         raise ApiError("UNAUTHORIZED_KEY")
-    return Caller(secret_digest(secret), secret.startswith("live_"), "_gsk_" in secret)
-
-
-def live_key_used(request: Request) -> bool:
-    """True when the request authenticates with a live key (the control API refuses it)."""
-    try:
-        return authenticate(request, SandboxConfig()).live
-    except ApiError:
-        return False
+    return Caller(merchant, secret_digest(secret), merchant.keys.live, "_gsk_" in secret)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -96,39 +102,46 @@ def live_key_used(request: Request) -> bool:
 
 async def _serve(request: Request, endpoint: str, handler: Handler, *, billing: bool) -> Response:
     sandbox = sandbox_of(request)
+    lang = language(request)
     # Receive the whole request first (Starlette caches it): processing must not depend on
     # the client still being connected, as at Toss.
     await request.body()
     try:
-        caller = authenticate(request, sandbox.config)
+        caller = authenticate(request, sandbox)
         if billing and caller.widget:
             # Billing needs the API-individual keys; the exact code Toss uses is unconfirmed.
             raise ApiError("INVALID_API_KEY")
     except ApiError as exc:
-        return exc.response()
+        return exc.response(lang)
+    wait = caller.merchant.limiter.admit(caller.secret_digest, endpoint)
+    if wait is not None:
+        code, message = TOO_MANY_REQUESTS
+        retry_after = str(max(1, math.ceil(wait)))
+        return ApiError(code, message, 429).response(lang, {"Retry-After": retry_after})
     if error := sandbox.faults.fire(endpoint, FaultKind.ERROR):
-        return error.error().response()
+        return error.error().response(lang)
 
+    idempotency = caller.merchant.idempotency
     key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
     slot: Slot | None = None
     if key:
         if len(key) > MAX_KEY_LENGTH:
-            return ApiError("INVALID_IDEMPOTENCY_KEY").response()
+            return ApiError("INVALID_IDEMPOTENCY_KEY").response(lang)
         slot = Slot(key, caller.secret_digest, request.url.path, request.method)
-        previous = sandbox.idempotency.begin(slot)
+        previous = idempotency.begin(slot)
         if previous is IN_FLIGHT:
-            return ApiError("IDEMPOTENT_REQUEST_PROCESSING").response()
+            return ApiError("IDEMPOTENT_REQUEST_PROCESSING").response(lang)
         if isinstance(previous, StoredResponse):
             return _response(previous, key)
 
     try:
-        result = await _process(request, caller, endpoint, handler)
+        result = await _process(request, caller, endpoint, handler, lang)
     except BaseException:
         if slot is not None:
-            sandbox.idempotency.finish(slot, None)
+            idempotency.finish(slot, None)
         raise
     if slot is not None:
-        sandbox.idempotency.finish(slot, None if result.status in _NOT_PROCESSED else result)
+        idempotency.finish(slot, None if result.status in _NOT_PROCESSED else result)
 
     if slow := sandbox.faults.fire(endpoint, FaultKind.LATENCY_AFTER_COMMIT):
         await asyncio.sleep(slow.seconds)
@@ -138,7 +151,7 @@ async def _serve(request: Request, endpoint: str, handler: Handler, *, billing: 
 
 
 async def _process(
-    request: Request, caller: Caller, endpoint: str, handler: Handler
+    request: Request, caller: Caller, endpoint: str, handler: Handler, lang: Language
 ) -> StoredResponse:
     sandbox = sandbox_of(request)
     if slow := sandbox.faults.fire(endpoint, FaultKind.LATENCY):
@@ -150,10 +163,9 @@ async def _process(
         # Test codes only work with test keys; live keys ignore the header.
         if test_code and not caller.live and request.method == "POST":
             raise ApiError(test_code)
-        result = await handler(request)
+        result = await handler(request, caller)
     except ApiError as exc:
-        body = {"code": exc.code, "message": exc.message}
-        return StoredResponse(exc.status, json_bytes(body), "application/json")
+        return StoredResponse(exc.status, json_bytes(exc.body(lang)), "application/json")
     if result is None:
         return StoredResponse(200, b"", "")
     return StoredResponse(200, json_bytes(result), "application/json")
@@ -258,15 +270,15 @@ def _non_negative(body: Body, key: str, upper: int) -> int:
 # --------------------------------------------------------------------------- handlers
 
 
-async def _issue(request: Request) -> Result:
+async def _issue(request: Request, caller: Caller) -> Result:
     body = await json_body(request)
     _require(body, "authKey", "customerKey")
     auth_key = _text(body, "authKey", max_length=300)
     assert auth_key is not None
-    return sandbox_of(request).store.issue_from_auth_key(auth_key, _customer_key(body))
+    return caller.merchant.store.issue_from_auth_key(auth_key, _customer_key(body))
 
 
-async def _issue_by_card(request: Request) -> Result:
+async def _issue_by_card(request: Request, caller: Caller) -> Result:
     sandbox = sandbox_of(request)
     body = await json_body(request)
     fields = (
@@ -285,10 +297,10 @@ async def _issue_by_card(request: Request) -> Result:
         card = register_card(number, year, month, identity, sandbox.clock.now())
     except CardRejected as exc:
         raise ApiError(exc.code) from None
-    return sandbox.store.issue_from_card(customer_key, card)
+    return caller.merchant.store.issue_from_card(customer_key, card)
 
 
-async def _charge(request: Request) -> Result:
+async def _charge(request: Request, caller: Caller) -> Result:
     body = await json_body(request)
     _require(body, "customerKey", "amount", "orderId", "orderName")
     order_id = _text(body, "orderId") or ""
@@ -314,15 +326,15 @@ async def _charge(request: Request) -> Result:
         tax_free_amount=_non_negative(body, "taxFreeAmount", amount),
         tax_exemption_amount=_non_negative(body, "taxExemptionAmount", amount),
     )
-    return sandbox_of(request).store.charge(request.path_params["billingKey"], charge)
+    return caller.merchant.store.charge(request.path_params["billingKey"], charge)
 
 
-async def _delete(request: Request) -> Result:
-    sandbox_of(request).store.delete_billing_key(request.path_params["billingKey"])
+async def _delete(request: Request, caller: Caller) -> Result:
+    caller.merchant.store.delete_billing_key(request.path_params["billingKey"])
     return None
 
 
-async def _cancel(request: Request) -> Result:
+async def _cancel(request: Request, caller: Caller) -> Result:
     body = await json_body(request)
     _require(body, "cancelReason")
     reason = _text(body, "cancelReason", max_length=200) or ""
@@ -338,17 +350,17 @@ async def _cancel(request: Request) -> Result:
     currency = _text(body, "currency")
     if currency is not None and currency != "KRW":
         raise ApiError("INVALID_REQUEST", "취소 통화가 결제 통화와 일치하지 않습니다.")
-    return sandbox_of(request).store.cancel(
+    return caller.merchant.store.cancel(
         request.path_params["paymentKey"], reason, amount, refundable, tax_free
     )
 
 
-async def _get_payment(request: Request) -> Result:
-    return sandbox_of(request).store.payment(request.path_params["paymentKey"])
+async def _get_payment(request: Request, caller: Caller) -> Result:
+    return caller.merchant.store.payment(request.path_params["paymentKey"])
 
 
-async def _get_payment_by_order(request: Request) -> Result:
-    return sandbox_of(request).store.payment_by_order(request.path_params["orderId"])
+async def _get_payment_by_order(request: Request, caller: Caller) -> Result:
+    return caller.merchant.store.payment_by_order(request.path_params["orderId"])
 
 
 def _query_time(request: Request, key: str) -> datetime:
@@ -363,13 +375,13 @@ def _query_time(request: Request, key: str) -> datetime:
     raise ApiError("INVALID_REQUEST", f"{key}는 yyyy-MM-dd'T'HH:mm:ss 형식이어야 합니다.")
 
 
-async def _transactions(request: Request) -> Result:
+async def _transactions(request: Request, caller: Caller) -> Result:
     start, end = _query_time(request, "startDate"), _query_time(request, "endDate")
     raw_limit = request.query_params.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 5000:
         raise ApiError("INVALID_REQUEST", "limit는 1 이상 5000 이하여야 합니다.")
     starting_after = request.query_params.get("startingAfter") or None
-    return sandbox_of(request).store.transactions(start, end, starting_after, int(raw_limit))
+    return caller.merchant.store.transactions(start, end, starting_after, int(raw_limit))
 
 
 def _endpoint(

@@ -16,7 +16,13 @@ from starlette.responses import Response
 from service.sandbox import api, control, sdk
 from service.sandbox.clock import Clock
 from service.sandbox.context import Sandbox, SandboxConfig
-from service.sandbox.errors import ApiError
+from service.sandbox.errors import ApiError, language
+from service.sandbox.merchants import (
+    DOCS_TEST_MERCHANT,
+    TEST_RATE_LIMIT_PER_MINUTE,
+    CancelWebhooks,
+    parse_merchants,
+)
 
 
 class SandboxOptions(TypedDict, total=False):
@@ -26,6 +32,8 @@ class SandboxOptions(TypedDict, total=False):
     webhook_transport: httpx.AsyncBaseTransport | None
     second_delete: Literal["error", "ok"]
     record_failed_charges: bool
+    rate_limit: int | None
+    cancel_webhooks: CancelWebhooks
     control_api: bool
     seed: int
 
@@ -38,27 +46,39 @@ def build_app(
     webhook_transport: httpx.AsyncBaseTransport | None = None,
     second_delete: Literal["error", "ok"] = "error",
     record_failed_charges: bool = False,
+    rate_limit: int | None = TEST_RATE_LIMIT_PER_MINUTE,
+    cancel_webhooks: CancelWebhooks = "status_change",
     control_api: bool = True,
     seed: int = 0,
 ) -> Starlette:
     """A fresh sandbox with its own in-memory state.
 
     * ``clock``: defaults to wall time; pass ``Clock(start)`` for a frozen, advanceable one.
-    * ``secret_keys``: accepted secret keys (default: any ``test_``/``live_`` secret key).
-      Configuring a live key switches the control API off.
+    * ``secret_keys``: the merchants, one ``key[:key…]`` spec each (see ``merchants``);
+      default: the docs' test merchant. Any other key is 401 UNAUTHORIZED_KEY. Configuring
+      a live key switches the control API off.
     * ``webhook_url``: where events go (also settable with ``PUT /_sandbox/webhook``);
       ``webhook_transport`` replaces the network for deliveries (tests).
     * ``second_delete``: a second DELETE of a billing key answers 400
       ALREADY_REMOVED_BILLING_KEY (``"error"``) or 200 again (``"ok"``).
     * ``record_failed_charges``: keep a failed charge as an ABORTED payment with ``failure``,
       findable by orderId (undocumented at Toss; off by default).
+    * ``rate_limit``: requests per minute per secret key and API, for test keys (Toss's
+      documented 100 by default); beyond it 429 with ``Retry-After``. None turns it off.
+    * ``cancel_webhooks``: when a cancel sends PAYMENT_STATUS_CHANGED (undocumented for
+      billing): ``"status_change"`` (default, the documented minimum), ``"every_cancel"``
+      or ``"none"``.
     * ``control_api``: serve ``/_sandbox``; ``seed``: the fault-injection RNG seed.
     """
+    if rate_limit is not None and rate_limit < 1:
+        raise ValueError("rate_limit must be a positive number of requests per minute")
     config = SandboxConfig(
-        secret_keys=tuple(secret_keys) if secret_keys is not None else None,
+        merchants=parse_merchants(secret_keys if secret_keys is not None else [DOCS_TEST_MERCHANT]),
         second_delete=second_delete,
         record_failed_charges=record_failed_charges,
         control_api=control_api,
+        rate_limit=rate_limit,
+        cancel_webhooks=cancel_webhooks,
     )
     sandbox = Sandbox(
         config,
@@ -70,11 +90,11 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await sandbox.webhooks.start()
+        await sandbox.start()
         try:
             yield
         finally:
-            await sandbox.webhooks.stop()
+            await sandbox.stop()
 
     app = Starlette(
         routes=[*api.routes, *sdk.routes, *control.routes],
@@ -90,7 +110,7 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     # /v1/billing/authorizations/{key}/payments) with 404 NOT_FOUND_HTTP_METHOD.
     if isinstance(exc, HTTPException) and exc.status_code not in (404, 405):
         raise exc
-    return ApiError("NOT_FOUND_HTTP_METHOD").response()
+    return ApiError("NOT_FOUND_HTTP_METHOD").response(language(request))
 
 
 def serve(host: str = "127.0.0.1", port: int = 8100, **options: Unpack[SandboxOptions]) -> None:

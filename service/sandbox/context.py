@@ -10,33 +10,31 @@ from starlette.requests import Request
 
 from service.sandbox.clock import Clock
 from service.sandbox.faults import FaultInjector
-from service.sandbox.idempotency import IdempotencyStore
+from service.sandbox.idempotency import IdempotencyStore, secret_digest
+from service.sandbox.merchants import (
+    TEST_RATE_LIMIT_PER_MINUTE,
+    CancelWebhooks,
+    Merchant,
+    MerchantKeys,
+)
 from service.sandbox.store import Store
 from service.sandbox.webhooks import WebhookDispatcher
 
 
 @dataclass(frozen=True, slots=True)
 class SandboxConfig:
-    # None accepts any test_/live_ secret key (sk, gsk, legacy ak) like a stand-in should;
-    # a tuple accepts only those keys (others get 401 UNAUTHORIZED_KEY).
-    secret_keys: tuple[str, ...] | None = None
+    merchants: tuple[MerchantKeys, ...]
     second_delete: Literal["error", "ok"] = "error"
     record_failed_charges: bool = False
     control_api: bool = True
+    # Requests per minute per secret key and API for test keys; None turns the limit off.
+    rate_limit: int | None = TEST_RATE_LIMIT_PER_MINUTE
+    cancel_webhooks: CancelWebhooks = "status_change"
 
     @property
     def live_mode(self) -> bool:
         """Configured with a live key: the control API (faults, clock, ledger) is off."""
-        return any(key.startswith("live_") for key in self.secret_keys or ())
-
-    def __repr__(self) -> str:
-        # Configured keys are secrets too.
-        keys = "None" if self.secret_keys is None else f"<{len(self.secret_keys)} hidden>"
-        return (
-            f"SandboxConfig(secret_keys={keys}, second_delete={self.second_delete!r}, "
-            f"record_failed_charges={self.record_failed_charges}, "
-            f"control_api={self.control_api})"
-        )
+        return any(merchant.live for merchant in self.merchants)
 
 
 class Sandbox:
@@ -51,22 +49,61 @@ class Sandbox:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.webhooks = WebhookDispatcher(clock, webhook_url, webhook_transport)
-        self.store = Store(
-            clock,
-            self.webhooks.emit,
-            second_delete=config.second_delete,
-            record_failed_charges=config.record_failed_charges,
+        self.merchants = tuple(
+            Merchant(
+                keys,
+                clock,
+                webhook_url=webhook_url,
+                webhook_transport=webhook_transport,
+                second_delete=config.second_delete,
+                record_failed_charges=config.record_failed_charges,
+                cancel_webhooks=config.cancel_webhooks,
+                rate_limit=config.rate_limit,
+            )
+            for keys in config.merchants
         )
-        self.idempotency = IdempotencyStore(clock)
+        self._by_secret = {d: m for m in self.merchants for d in m.keys.secret_digests}
+        self._by_client_key = {k: m for m in self.merchants for k in m.keys.client_keys}
         self.faults = FaultInjector(seed)
 
+    def merchant_for_secret(self, secret_key: str) -> Merchant | None:
+        return self._by_secret.get(secret_digest(secret_key))
+
+    def merchant_for_client_key(self, client_key: str) -> Merchant | None:
+        return self._by_client_key.get(client_key)
+
+    @property
+    def default(self) -> Merchant:
+        """The first configured merchant: what the control API acts on without a key."""
+        return self.merchants[0]
+
+    # The default merchant's parts, for tests and the control API.
+    @property
+    def store(self) -> Store:
+        return self.default.store
+
+    @property
+    def webhooks(self) -> WebhookDispatcher:
+        return self.default.webhooks
+
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        return self.default.idempotency
+
+    async def start(self) -> None:
+        for merchant in self.merchants:
+            await merchant.webhooks.start()
+
+    async def stop(self) -> None:
+        for merchant in self.merchants:
+            await merchant.webhooks.stop()
+
     def reset(self, seed: int | None = None) -> None:
-        """Forget everything: keys, payments, idempotency, faults, webhooks, clock offset."""
-        self.store.reset()
-        self.idempotency.reset()
+        """Forget everything: keys, payments, idempotency, rate windows, faults, webhooks,
+        clock offset, for every merchant."""
+        for merchant in self.merchants:
+            merchant.reset()
         self.faults.reset(seed)
-        self.webhooks.reset()
         self.clock.reset()
 
 

@@ -3,6 +3,10 @@
 Refused with 403 FORBIDDEN_REQUEST when a request carries a live secret key, and absent
 (404) when the sandbox is configured with a live key or with ``control_api=False``.
 
+The ledger, auth keys and webhooks belong to one merchant: the one whose test secret key the
+request carries as Basic credentials (an unknown key is 401), else the first configured one.
+Faults, the clock and reset apply to the whole sandbox.
+
 ======  ===========================  ======================================================
 method  path                         does
 ======  ===========================  ======================================================
@@ -36,39 +40,49 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.sandbox.api import json_body, live_key_used
+from service.sandbox.api import basic_secret, json_body
 from service.sandbox.cards import DEFAULT_TEST_CARD, CardRejected, register_card
 from service.sandbox.clock import toss_time
 from service.sandbox.context import Sandbox, sandbox_of
-from service.sandbox.errors import ApiError, json_response
+from service.sandbox.errors import ApiError, json_response, language
+from service.sandbox.merchants import Merchant
 from service.sandbox.sdk import CUSTOMER_KEY
 
-ControlHandler = Callable[[Request, Sandbox], Awaitable[object]]
+ControlHandler = Callable[[Request, Sandbox, Merchant], Awaitable[object]]
+
+
+def _merchant(request: Request, sandbox: Sandbox) -> Merchant:
+    secret = basic_secret(request)
+    if secret is None:
+        return sandbox.default
+    if secret.startswith("live_"):
+        raise ApiError("FORBIDDEN_REQUEST", "라이브 키로는 샌드박스 제어 API를 사용할 수 없습니다.")
+    merchant = sandbox.merchant_for_secret(secret)
+    if merchant is None:
+        raise ApiError("UNAUTHORIZED_KEY")
+    return merchant
 
 
 def _control(handler: ControlHandler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         sandbox = sandbox_of(request)
         if sandbox.config.live_mode or not sandbox.config.control_api:
-            return ApiError("NOT_FOUND_HTTP_METHOD").response()
-        if live_key_used(request):
-            return ApiError(
-                "FORBIDDEN_REQUEST", "라이브 키로는 샌드박스 제어 API를 사용할 수 없습니다."
-            ).response()
+            return ApiError("NOT_FOUND_HTTP_METHOD").response(language(request))
         try:
-            return json_response(await handler(request, sandbox))
+            merchant = _merchant(request, sandbox)
+            return json_response(await handler(request, sandbox, merchant))
         except ApiError as exc:
-            return exc.response()
+            return exc.response(language(request))
 
     endpoint.__name__ = handler.__name__
     return endpoint
 
 
-async def _ledger(request: Request, sandbox: Sandbox) -> object:
-    return sandbox.store.ledger()
+async def _ledger(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
+    return merchant.store.ledger()
 
 
-async def _mint_auth_key(request: Request, sandbox: Sandbox) -> object:
+async def _mint_auth_key(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     body = await json_body(request)
     customer_key = body.get("customerKey")
     if not isinstance(customer_key, str) or not CUSTOMER_KEY.fullmatch(customer_key):
@@ -96,24 +110,24 @@ async def _mint_auth_key(request: Request, sandbox: Sandbox) -> object:
         )
     except CardRejected as exc:
         raise ApiError(exc.code) from None
-    auth_key = sandbox.store.mint_auth_key(customer_key, card)
+    auth_key = merchant.store.mint_auth_key(customer_key, card)
     return {"authKey": auth_key, "customerKey": customer_key, "cardNumber": card.masked}
 
 
-async def _faults(request: Request, sandbox: Sandbox) -> object:
+async def _faults(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     return sandbox.faults.listing()
 
 
-async def _add_fault(request: Request, sandbox: Sandbox) -> object:
+async def _add_fault(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     return sandbox.faults.add(await json_body(request)).as_json()
 
 
-async def _clear_faults(request: Request, sandbox: Sandbox) -> object:
+async def _clear_faults(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     sandbox.faults.clear()
     return {}
 
 
-async def _wait_held(request: Request, sandbox: Sandbox) -> object:
+async def _wait_held(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     count = (await json_body(request)).get("count", 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ApiError("INVALID_REQUEST", "count must be a positive integer")
@@ -125,15 +139,15 @@ async def _wait_held(request: Request, sandbox: Sandbox) -> object:
     return {"held": count}
 
 
-async def _release(request: Request, sandbox: Sandbox) -> object:
+async def _release(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     return {"released": sandbox.faults.release()}
 
 
-async def _clock(request: Request, sandbox: Sandbox) -> object:
+async def _clock(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     return {"now": toss_time(sandbox.clock.now())}
 
 
-async def _advance(request: Request, sandbox: Sandbox) -> object:
+async def _advance(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     body = await json_body(request)
     units = {}
     for unit in ("days", "hours", "minutes", "seconds"):
@@ -142,26 +156,31 @@ async def _advance(request: Request, sandbox: Sandbox) -> object:
             raise ApiError("INVALID_REQUEST", f"{unit} must be a non-negative number")
         units[unit] = float(value)
     now = sandbox.clock.advance(timedelta(**units))
-    return {"now": toss_time(now), "delivered": await sandbox.webhooks.deliver_due()}
+    return {"now": toss_time(now), "delivered": await _deliver_due(sandbox)}
 
 
-async def _set_webhook(request: Request, sandbox: Sandbox) -> object:
+async def _deliver_due(sandbox: Sandbox) -> list[object]:
+    """Deliver every merchant's due webhooks (the clock is the whole sandbox's)."""
+    return [d for m in sandbox.merchants for d in await m.webhooks.deliver_due()]
+
+
+async def _set_webhook(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     url = (await json_body(request)).get("url")
     if url is not None and not isinstance(url, str):
         raise ApiError("INVALID_REQUEST", "url must be a string or null")
-    sandbox.webhooks.url = url
+    merchant.webhooks.url = url
     return {"url": url}
 
 
-async def _webhooks(request: Request, sandbox: Sandbox) -> object:
-    return {"deliveries": sandbox.webhooks.listing()}
+async def _webhooks(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
+    return {"deliveries": merchant.webhooks.listing()}
 
 
-async def _flush(request: Request, sandbox: Sandbox) -> object:
-    return {"delivered": await sandbox.webhooks.deliver_due()}
+async def _flush(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
+    return {"delivered": await _deliver_due(sandbox)}
 
 
-async def _reset(request: Request, sandbox: Sandbox) -> object:
+async def _reset(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     seed = (await json_body(request)).get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError("INVALID_REQUEST", "seed must be an integer")

@@ -3,8 +3,9 @@
 ``GET /v2/standard`` serves a script defining ``TossPayments(clientKey)``; its
 ``payment({customerKey}).requestBillingAuth({...})`` validates like the SDK and navigates to
 ``GET /v2/billing-auth``, a card form. Submitting it mints a one-time authKey bound to the
-customerKey and the card and redirects to ``successUrl?customerKey=…&authKey=…`` (an existing
-query is kept); cancelling or an invalid card redirects to ``failUrl?code=…&message=…``.
+customerKey, the card and the merchant of the clientKey (an unknown clientKey is refused), and
+redirects to ``successUrl?customerKey=…&authKey=…`` (an existing query is kept); cancelling or
+an invalid card redirects to ``failUrl?code=…&message=…``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from service.sandbox.cards import CardRejected, register_card
-from service.sandbox.context import sandbox_of
+from service.sandbox.context import Sandbox, sandbox_of
 from service.toss import ERROR_CODES
 
 CUSTOMER_KEY = re.compile(r"[A-Za-z0-9_=.@-]{2,50}")  # the SDK's rule, stricter than the API's
@@ -45,10 +46,13 @@ def _has_origin(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
-def _check(params: dict[str, str]) -> str | None:
+def _check(params: dict[str, str], sandbox: Sandbox) -> str | None:
     """What is wrong with the window's parameters (the SDK checked them already)."""
-    if not _CLIENT_KEY.fullmatch(params.get("clientKey", "")):
+    client_key = params.get("clientKey", "")
+    if not _CLIENT_KEY.fullmatch(client_key):
         return "clientKey는 API 개별 연동 클라이언트 키여야 합니다."
+    if sandbox.merchant_for_client_key(client_key) is None:
+        return "등록되지 않은 clientKey입니다."
     if not CUSTOMER_KEY.fullmatch(params.get("customerKey", "")):
         return "customerKey 형식이 올바르지 않습니다."
     if not (_has_origin(params.get("successUrl", "")) and _has_origin(params.get("failUrl", ""))):
@@ -62,7 +66,7 @@ async def _script(request: Request) -> Response:
 
 async def _form(request: Request) -> Response:
     params = dict(request.query_params)
-    problem = _check(params)
+    problem = _check(params, sandbox_of(request))
     if problem is not None:
         return HTMLResponse(f"<p>{html.escape(problem)}</p>", status_code=400)
     page = Template(_static("billing_auth.html")).substitute(
@@ -77,13 +81,14 @@ async def _form(request: Request) -> Response:
 async def _submit(request: Request) -> Response:
     raw = (await request.body()).decode("utf-8", errors="replace")
     form = dict(parse_qsl(raw, keep_blank_values=True))
-    problem = _check(form)
-    if problem is not None:
-        return HTMLResponse(f"<p>{html.escape(problem)}</p>", status_code=400)
+    sandbox = sandbox_of(request)
+    problem = _check(form, sandbox)
+    merchant = sandbox.merchant_for_client_key(form.get("clientKey", ""))
+    if problem is not None or merchant is None:
+        return HTMLResponse(f"<p>{html.escape(problem or '')}</p>", status_code=400)
     if form.get("action") == "cancel":
         code, message = _CANCELED
         return RedirectResponse(with_query(form["failUrl"], code=code, message=message), 303)
-    sandbox = sandbox_of(request)
     month, _, year = form.get("expiry", "").replace(" ", "").partition("/")
     number = re.sub(r"[\s-]", "", form.get("cardNumber", ""))
     try:
@@ -91,7 +96,7 @@ async def _submit(request: Request) -> Response:
     except CardRejected as exc:
         message = ERROR_CODES[exc.code].message
         return RedirectResponse(with_query(form["failUrl"], code=exc.code, message=message), 303)
-    auth_key = sandbox.store.mint_auth_key(form["customerKey"], card)
+    auth_key = merchant.store.mint_auth_key(form["customerKey"], card)
     target = with_query(form["successUrl"], customerKey=form["customerKey"], authKey=auth_key)
     return RedirectResponse(target, 303)
 

@@ -20,7 +20,6 @@ from service.sandbox.cards import Card
 from service.sandbox.clock import Clock, toss_time
 from service.sandbox.errors import ApiError
 
-M_ID = "tvivarepublica"  # the merchant id Toss's docs examples use for the test merchant
 API_VERSION = "2022-11-16"
 _ISSUER_NAMES = {"11": "국민", "21": "하나", "31": "BC", "41": "신한", "61": "현대", "71": "롯데"}
 _ALNUM = string.ascii_letters + string.digits
@@ -115,11 +114,15 @@ class Store:
         clock: Clock,
         emit: EventSink,
         *,
+        m_id: str = "tvivarepublica",
         second_delete: Literal["error", "ok"] = "error",
         record_failed_charges: bool = False,
+        cancel_webhooks: Literal["status_change", "every_cancel", "none"] = "status_change",
     ) -> None:
         self._clock = clock
         self._emit = emit
+        self._m_id = m_id
+        self._cancel_webhooks = cancel_webhooks
         self._second_delete = second_delete
         self._record_failed = record_failed_charges
         self._lock = threading.RLock()
@@ -163,7 +166,7 @@ class Store:
         record = _BillingKey(billing_key, customer_key, card, self._clock.now())
         self._billing_keys[billing_key] = record
         return {
-            "mId": M_ID,
+            "mId": self._m_id,
             "customerKey": customer_key,
             "authenticatedAt": toss_time(record.authenticated_at),
             "method": "카드",
@@ -254,7 +257,7 @@ class Store:
 
     def _new_payment_key(self, now: datetime) -> str:
         while True:
-            key = f"{M_ID[:5]}{now.strftime('%Y%m%d%H%M%S')}{_random(_ALNUM, 5)}"
+            key = f"{self._m_id[:5]}{now.strftime('%Y%m%d%H%M%S')}{_random(_ALNUM, 5)}"
             if key not in self._payments:
                 return key
 
@@ -313,6 +316,7 @@ class Store:
                 raise ApiError("INVALID_REQUEST", "취소할 면세 금액이 올바르지 않습니다.")
             first_and_full = full and not payment.cancels
             exemption = payment.tax_exemption if full else 0
+            status_before = payment.status
             payment.balance -= cancel_amount
             payment.tax_free -= tax_free_amount
             payment.tax_exemption -= exemption
@@ -337,7 +341,14 @@ class Store:
                 }
             )
             body = self._payment_json(payment)
-            self._emit("PAYMENT_STATUS_CHANGED", body)
+            # Whether Toss sends this for billing cancels is undocumented. The default is the
+            # documented minimum: only when the status changes (not for a further partial
+            # cancel, PARTIAL_CANCELED -> PARTIAL_CANCELED).
+            changed = payment.status != status_before
+            if self._cancel_webhooks == "every_cancel" or (
+                self._cancel_webhooks == "status_change" and changed
+            ):
+                self._emit("PAYMENT_STATUS_CHANGED", body)
             return body
 
     # ---- lookups
@@ -406,7 +417,7 @@ class Store:
     def _transaction_json(self, t: _Transaction) -> Json:
         payment = self._payments[t.payment_key]
         return {
-            "mId": M_ID,
+            "mId": self._m_id,
             "transactionKey": t.transaction_key,
             "paymentKey": t.payment_key,
             "orderId": payment.order_id,
@@ -426,7 +437,7 @@ class Store:
         done = p.status != "ABORTED"
         supplied, vat = split_vat(p.balance, p.tax_free) if done else (0, 0)
         return {
-            "mId": M_ID,
+            "mId": self._m_id,
             "lastTransactionKey": p.last_transaction_key,
             "paymentKey": p.payment_key,
             "orderId": p.order_id,

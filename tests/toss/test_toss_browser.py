@@ -175,7 +175,9 @@ def test_card_registration_in_a_real_browser(server: LiveServer, merchant: LiveS
 
     async def issue_and_charge() -> tuple[str, str, int]:
         async with TossClient(SECRET_KEY, base_url=server.url) as toss:
-            billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY)
+            billing = await toss.issue_billing_key(
+                auth_key, CUSTOMER_KEY, idempotency_key="reg-browser-0001"
+            )
             payment = await toss.charge(
                 billing.billing_key,
                 CUSTOMER_KEY,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, timedelta
 
 import anyio
@@ -23,18 +23,17 @@ from sandbox_harness import (
 from service.toss import (
     ERROR_CODES,
     Billing,
-    ErrorClass,
+    FailureClass,
     Operation,
-    Outcome,
     Payment,
     SecretKey,
+    TossChargeFailed,
     TossClient,
     TossError,
     TossMalformedResponse,
     TossOutcomeUnknown,
+    TossReplyMismatch,
     classify,
-    classify_decline_code,
-    outcome_of,
     parse_time,
 )
 
@@ -44,7 +43,9 @@ pytestmark = pytest.mark.anyio
 async def _billing_key(toss: TossClient, acontrol: httpx.AsyncClient, card: str = GOOD_CARD) -> str:
     body = {"customerKey": CUSTOMER_KEY, "cardNumber": card}
     auth_key = (await acontrol.post("/_sandbox/auth-keys", json=body)).json()["authKey"]
-    billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY)
+    billing = await toss.issue_billing_key(
+        auth_key, CUSTOMER_KEY, idempotency_key=f"reg-{auth_key}"
+    )
     return billing.billing_key
 
 
@@ -72,7 +73,9 @@ async def _error(call: Awaitable[object]) -> TossError:
 
 async def test_billing_lifecycle(toss: TossClient, acontrol: httpx.AsyncClient) -> None:
     minted = await acontrol.post("/_sandbox/auth-keys", json={"customerKey": CUSTOMER_KEY})
-    billing = await toss.issue_billing_key(minted.json()["authKey"], CUSTOMER_KEY)
+    billing = await toss.issue_billing_key(
+        minted.json()["authKey"], CUSTOMER_KEY, idempotency_key="reg-life"
+    )
     assert isinstance(billing, Billing)
     assert billing.customer_key == CUSTOMER_KEY
     assert billing.method == "카드"
@@ -99,21 +102,18 @@ async def test_billing_lifecycle(toss: TossClient, acontrol: httpx.AsyncClient) 
     partial = await toss.cancel(payment.payment_key, "부분 환불", 4000, idempotency_key="r-1")
     assert (partial.status, partial.balance_amount) == ("PARTIAL_CANCELED", 6000)
     assert [c.cancel_amount for c in partial.cancels] == [4000]
-    assert not partial.fully_refunded
     rest = await toss.cancel(
         payment.payment_key, "나머지 환불", idempotency_key="r-2", refundable_amount=6000
     )
     assert (rest.status, rest.balance_amount) == ("PARTIAL_CANCELED", 0)
-    assert rest.fully_refunded
     assert rest.last_transaction_key == rest.cancels[-1].transaction_key
 
     await toss.delete_billing_key(billing.billing_key)
     error = await _error(_charge(toss, billing.billing_key, "order-life-2"))
     assert (error.code, error.error_class) == (
         "ALREADY_REMOVED_BILLING_KEY",
-        ErrorClass.NEEDS_NEW_CARD,
+        FailureClass.NEEDS_NEW_CARD,
     )
-    assert outcome_of(error) is Outcome.NEEDS_NEW_CARD
 
 
 async def test_lookups_of_missing_payments(toss: TossClient) -> None:
@@ -149,37 +149,13 @@ async def test_list_transactions_pages_through_everything(
 
 
 @pytest.mark.parametrize(
-    ("card", "code", "status", "error_class", "outcome"),
+    ("card", "code", "status", "error_class"),
     [
-        ("4000000001000000", "REJECT_CARD_PAYMENT", 403, ErrorClass.DECLINE, Outcome.DECLINED),
-        (
-            "4000000003000000",
-            "EXCEED_MAX_DAILY_PAYMENT_COUNT",
-            400,
-            ErrorClass.DECLINE,
-            Outcome.DECLINED,
-        ),
-        (
-            "4000000002000000",
-            "INVALID_STOPPED_CARD",
-            400,
-            ErrorClass.NEEDS_NEW_CARD,
-            Outcome.NEEDS_NEW_CARD,
-        ),
-        (
-            "4330121234567890",
-            "NOT_SUPPORTED_CARD_TYPE",
-            400,
-            ErrorClass.NEEDS_NEW_CARD,
-            Outcome.NEEDS_NEW_CARD,
-        ),
-        (
-            "4000000006000000",
-            "FAILED_CARD_COMPANY_RESPONSE",
-            500,
-            ErrorClass.RECONCILE_FIRST,
-            Outcome.UNKNOWN,
-        ),
+        ("4000000001000000", "REJECT_CARD_PAYMENT", 403, FailureClass.DECLINE),
+        ("4000000003000000", "EXCEED_MAX_DAILY_PAYMENT_COUNT", 400, FailureClass.DECLINE),
+        ("4000000002000000", "INVALID_STOPPED_CARD", 400, FailureClass.NEEDS_NEW_CARD),
+        ("4330121234567890", "NOT_SUPPORTED_CARD_TYPE", 400, FailureClass.NEEDS_NEW_CARD),
+        ("4000000006000000", "FAILED_CARD_COMPANY_RESPONSE", 500, FailureClass.TRANSIENT),
     ],
 )
 async def test_card_failures_are_classified(
@@ -188,41 +164,33 @@ async def test_card_failures_are_classified(
     card: str,
     code: str,
     status: int,
-    error_class: ErrorClass,
-    outcome: Outcome,
+    error_class: FailureClass,
 ) -> None:
     billing_key = await _billing_key(toss, acontrol, card)
     error = await _error(_charge(toss, billing_key, "order-class-1"))
     assert (error.code, error.http_status, error.error_class) == (code, status, error_class)
-    assert outcome_of(error) is outcome
     assert error.message == ERROR_CODES[code].message
 
 
 @pytest.mark.parametrize(
-    ("endpoint", "code", "status", "error_class", "outcome"),
+    ("endpoint", "code", "status", "error_class"),
     [
-        ("charge", "PROVIDER_ERROR", 400, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
-        ("charge", "IDEMPOTENT_REQUEST_PROCESSING", 409, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
-        ("charge", "TOO_MANY_REQUESTS", 429, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
-        ("charge", "FORBIDDEN_CONSECUTIVE_REQUEST", 403, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
-        ("charge", "DUPLICATED_ORDER_ID", 400, ErrorClass.RECONCILE_FIRST, Outcome.UNKNOWN),
-        ("charge", "ALREADY_PROCESSED_PAYMENT", 400, ErrorClass.RECONCILE_FIRST, Outcome.UNKNOWN),
-        ("charge", "COMMON_ERROR", 500, ErrorClass.RECONCILE_FIRST, Outcome.UNKNOWN),
-        ("charge", "BRAND_NEW_SERVER_CODE", 502, ErrorClass.RECONCILE_FIRST, Outcome.UNKNOWN),
-        ("charge", "UNAUTHORIZED_KEY", 401, ErrorClass.BUG_OR_CONFIG, Outcome.FAILED),
-        ("charge", "INVALID_IDEMPOTENCY_KEY", 400, ErrorClass.BUG_OR_CONFIG, Outcome.FAILED),
-        ("charge", "BRAND_NEW_CLIENT_CODE", 400, ErrorClass.BUG_OR_CONFIG, Outcome.FAILED),
-        ("charge", "EXCEED_MAX_AMOUNT", 400, ErrorClass.DECLINE, Outcome.DECLINED),
-        (
-            "charge",
-            "INVALID_CARD_EXPIRATION",
-            400,
-            ErrorClass.NEEDS_NEW_CARD,
-            Outcome.NEEDS_NEW_CARD,
-        ),
-        ("get_payment", "COMMON_ERROR", 500, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
-        ("get_payment", "BRAND_NEW_SERVER_CODE", 503, ErrorClass.TRANSIENT, Outcome.UNKNOWN),
-        ("get_payment", "FAILED_DB_PROCESSING", 500, ErrorClass.BUG_OR_CONFIG, Outcome.FAILED),
+        ("charge", "PROVIDER_ERROR", 400, FailureClass.TRANSIENT),
+        ("charge", "IDEMPOTENT_REQUEST_PROCESSING", 409, FailureClass.UNPROCESSED),
+        ("charge", "TOO_MANY_REQUESTS", 429, FailureClass.UNPROCESSED),
+        ("charge", "FORBIDDEN_CONSECUTIVE_REQUEST", 403, FailureClass.TRANSIENT),
+        ("charge", "DUPLICATED_ORDER_ID", 400, FailureClass.RECONCILE),
+        ("charge", "ALREADY_PROCESSED_PAYMENT", 400, FailureClass.RECONCILE),
+        ("charge", "COMMON_ERROR", 500, FailureClass.TRANSIENT),
+        ("charge", "BRAND_NEW_SERVER_CODE", 502, FailureClass.TRANSIENT),
+        ("charge", "UNAUTHORIZED_KEY", 401, FailureClass.BUG),
+        ("charge", "INVALID_IDEMPOTENCY_KEY", 400, FailureClass.BUG),
+        ("charge", "BRAND_NEW_CLIENT_CODE", 400, FailureClass.BUG),
+        ("charge", "EXCEED_MAX_AMOUNT", 400, FailureClass.DECLINE),
+        ("charge", "INVALID_CARD_EXPIRATION", 400, FailureClass.NEEDS_NEW_CARD),
+        ("get_payment", "COMMON_ERROR", 500, FailureClass.TRANSIENT),
+        ("get_payment", "BRAND_NEW_SERVER_CODE", 503, FailureClass.TRANSIENT),
+        ("get_payment", "FAILED_DB_PROCESSING", 500, FailureClass.TRANSIENT),
     ],
 )
 async def test_error_responses_are_classified(
@@ -231,8 +199,7 @@ async def test_error_responses_are_classified(
     endpoint: str,
     code: str,
     status: int,
-    error_class: ErrorClass,
-    outcome: Outcome,
+    error_class: FailureClass,
 ) -> None:
     billing_key = await _billing_key(toss, acontrol)
     fault = {"endpoint": endpoint, "kind": "error", "count": 1, "code": code, "status": status}
@@ -242,11 +209,11 @@ async def test_error_responses_are_classified(
     else:
         error = await _error(toss.get_payment("tviva20250301100000aaaaa"))
     assert (error.code, error.http_status, error.error_class) == (code, status, error_class)
-    assert error.retry_same_request is (error_class is ErrorClass.TRANSIENT)
-    assert outcome_of(error) is outcome
+    # Only what Toss did not process may be re-sent under the same Idempotency-Key.
+    assert error.retry_same_request is (error_class is FailureClass.UNPROCESSED)
 
 
-async def test_server_errors_on_cancel_reconcile_first(
+async def test_server_errors_on_cancel_are_transient(
     toss: TossClient, acontrol: httpx.AsyncClient
 ) -> None:
     payment = await _charge(toss, await _billing_key(toss, acontrol), "order-cancel-500")
@@ -255,7 +222,8 @@ async def test_server_errors_on_cancel_reconcile_first(
         json={"endpoint": "cancel", "kind": "error", "count": 1, "code": "FAILED_REFUND_PROCESS"},
     )
     error = await _error(toss.cancel(payment.payment_key, "환불", idempotency_key="c-500"))
-    assert (error.code, error.error_class) == ("FAILED_REFUND_PROCESS", ErrorClass.RECONCILE_FIRST)
+    assert (error.code, error.error_class) == ("FAILED_REFUND_PROCESS", FailureClass.TRANSIENT)
+    assert not error.retry_same_request
 
 
 async def test_real_rule_violations_are_classified(
@@ -266,15 +234,15 @@ async def test_real_rule_violations_are_classified(
     duplicate = await _error(_charge(toss, billing_key, "order-real-1", key="another-key"))
     assert (duplicate.code, duplicate.error_class) == (
         "DUPLICATED_ORDER_ID",
-        ErrorClass.RECONCILE_FIRST,
+        FailureClass.RECONCILE,
     )
     bad_order = await _error(_charge(toss, billing_key, "short"))
-    assert (bad_order.code, bad_order.error_class) == ("INVALID_ORDER_ID", ErrorClass.BUG_OR_CONFIG)
+    assert (bad_order.code, bad_order.error_class) == ("INVALID_ORDER_ID", FailureClass.BUG)
     long_customer = await _error(
         toss.charge(billing_key, "c" * 301, 4900, "order-real-2", "Pro", idempotency_key="k")
     )
     assert (long_customer.code, long_customer.http_status) == ("FAILED_DB_PROCESSING", 500)
-    assert long_customer.error_class is ErrorClass.RECONCILE_FIRST  # a 5xx on a charge
+    assert long_customer.error_class is FailureClass.TRANSIENT  # every 5xx
 
 
 async def test_unknown_secret_key_is_a_config_error(
@@ -284,20 +252,38 @@ async def test_unknown_secret_key_is_a_config_error(
     async with TossClient(SECRET_KEY, base_url=server.url) as toss:
         error = await _error(toss.get_payment("tviva20250301100000aaaaa"))
     assert (error.code, error.http_status) == ("UNAUTHORIZED_KEY", 401)
-    assert outcome_of(error) is Outcome.FAILED
+    assert error.error_class is FailureClass.BUG
+
+
+def test_failure_class_is_the_sql_enum() -> None:
+    # The labels and order of billing.failure_class; one name on both sides.
+    assert [c.value for c in FailureClass] == [
+        "unprocessed",
+        "transient",
+        "decline",
+        "needs_new_card",
+        "reconcile",
+        "bug",
+    ]
 
 
 def test_code_table_and_status_rules() -> None:
     for code, spec in ERROR_CODES.items():
-        assert classify(code, spec.http_status, Operation.GET_PAYMENT) is spec.error_class, code
-        assert classify_decline_code(code) is spec.error_class
-    assert classify("FAILED_DB_PROCESSING", 500, Operation.CHARGE) is ErrorClass.RECONCILE_FIRST
-    assert classify("REJECT_CARD_PAYMENT", 429) is ErrorClass.TRANSIENT
-    assert classify("NEVER_SEEN", 418) is ErrorClass.BUG_OR_CONFIG
-    assert classify("NEVER_SEEN", 500) is ErrorClass.TRANSIENT
-    assert classify_decline_code("NEVER_SEEN") == "bug_or_config"
-    assert classify_decline_code("REJECT_CARD_PAYMENT") == "decline"
-    assert outcome_of(None) is Outcome.SUCCEEDED
+        assert classify(code, spec.http_status) is spec.error_class, code
+        assert classify(code) is spec.error_class, code
+        # Every 5xx of the table is transient, every 429 unprocessed.
+        if spec.http_status >= 500:
+            assert spec.error_class is FailureClass.TRANSIENT, code
+    unprocessed = {c for c, s in ERROR_CODES.items() if s.error_class is FailureClass.UNPROCESSED}
+    assert unprocessed == {"IDEMPOTENT_REQUEST_PROCESSING"}
+    assert classify("FAILED_DB_PROCESSING", 500) is FailureClass.TRANSIENT
+    assert classify("REJECT_CARD_PAYMENT", 429) is FailureClass.UNPROCESSED
+    assert classify("NEVER_SEEN", 418) is FailureClass.BUG
+    assert classify("NEVER_SEEN", 500) is FailureClass.TRANSIENT
+    assert classify("NEVER_SEEN") == "bug"
+    assert classify("REJECT_CARD_PAYMENT") == "decline"
+    assert classify("PROVIDER_ERROR") == "transient"
+    assert classify("DUPLICATED_ORDER_ID", 400) == "reconcile"
     assert ERROR_CODES["REJECT_CARD_PAYMENT"].http_status == 403
     assert ERROR_CODES["UNAUTHORIZED_KEY"].http_status == 401
 
@@ -318,7 +304,6 @@ async def test_lost_response_is_unknown_then_reconciled(
             await _charge(impatient, billing_key, "order-lost-1", key="k-lost")
     assert not isinstance(info.value, TossError)
     assert info.value.operation is Operation.CHARGE
-    assert outcome_of(info.value) is Outcome.UNKNOWN
 
     found = await toss.get_payment_by_order("order-lost-1")
     assert found is not None
@@ -343,7 +328,8 @@ async def test_in_flight_duplicate_is_transient(
         tg.start_soon(first)
         assert (await acontrol.post("/_sandbox/faults/held", json={"count": 1})).is_success
         error = await _error(_charge(toss, billing_key, "order-hold-1", key="k-hold"))
-        assert (error.http_status, error.error_class) == (409, ErrorClass.TRANSIENT)
+        assert (error.http_status, error.error_class) == (409, FailureClass.UNPROCESSED)
+        assert error.retry_same_request
         await acontrol.post("/_sandbox/faults/release")
     assert await _charge(toss, billing_key, "order-hold-1", key="k-hold") == results[0]
 
@@ -383,6 +369,20 @@ BILLING_BODY = {
     "method": "카드",
     "billingKey": "Z_t5vOvQxrj4499PeiJcjen28-V2RyqgYTwN44Rdzk0=",
     "card": None,
+}
+
+
+CANCELED_BODY = {
+    **PAYMENT_BODY,
+    "status": "CANCELED",
+    "balanceAmount": 0,
+    "cancels": [
+        {
+            "transactionKey": "txrd_a01cancel",
+            "cancelAmount": 4900,
+            "canceledAt": "2025-03-01T11:00:00+09:00",
+        }
+    ],
 }
 
 
@@ -437,23 +437,26 @@ async def test_slow_calls_get_at_least_60_seconds() -> None:
             return httpx.Response(200)
         if request.url.path.endswith("/issue"):
             return httpx.Response(200, json={**BILLING_BODY})
+        if request.url.path.endswith("/cancel"):
+            return httpx.Response(200, json=CANCELED_BODY)
         return httpx.Response(200, json=PAYMENT_BODY)
 
     async with _mock(handler) as toss:
-        await toss.issue_billing_key("bln_x", CUSTOMER_KEY)
-        await toss.cancel("pk", "환불", idempotency_key="k")
+        await toss.issue_billing_key("bln_x", CUSTOMER_KEY, idempotency_key="reg-1")
+        await toss.cancel("tviva20250301100000abcde", "환불", idempotency_key="k")
         assert [t async for t in toss.list_transactions(START, START)] == []
         await toss.get_payment_by_order("order-wire-1")
         assert await toss.delete_billing_key("bk") is None
     read = {name: request.extensions["timeout"]["read"] for name, request in seen.items()}
     assert read == {
         "POST /v1/billing/authorizations/issue": 60,
-        "POST /v1/payments/pk/cancel": 60,
+        "POST /v1/payments/tviva20250301100000abcde/cancel": 60,
         "GET /v1/transactions": 60,
         "GET /v1/payments/orders/order-wire-1": 30,
         "DELETE /v1/billing/bk": 30,
     }
     assert seen["GET /v1/transactions"].url.params["limit"] == "100"
+    assert seen["POST /v1/billing/authorizations/issue"].headers["idempotency-key"] == "reg-1"
     assert "idempotency-key" not in seen["DELETE /v1/billing/bk"].headers
 
 
@@ -467,7 +470,7 @@ async def test_v2_error_envelope_is_read() -> None:
     async with _mock(lambda request: httpx.Response(500, json=body)) as toss:
         error = await _error(toss.get_payment("pk"))
     assert (error.code, error.message, error.http_status) == ("COMMON_ERROR", "일시적인 오류", 500)
-    assert error.error_class is ErrorClass.TRANSIENT
+    assert error.error_class is FailureClass.TRANSIENT
 
 
 @pytest.mark.parametrize(
@@ -504,7 +507,7 @@ async def test_order_ids_with_equals_signs_round_trip(
 
 
 async def test_failed_payment_lookup_carries_the_failure() -> None:
-    aborted = {**PAYMENT_BODY, "status": "ABORTED", "approvedAt": None, "balanceAmount": 0}
+    aborted = {**PAYMENT_BODY, "orderId": "order wire/1", "status": "ABORTED", "approvedAt": None}
     aborted["failure"] = {"code": "REJECT_CARD_PAYMENT", "message": "한도초과"}
     seen: list[httpx.Request] = []
 
@@ -514,11 +517,73 @@ async def test_failed_payment_lookup_carries_the_failure() -> None:
 
     async with _mock(handler) as toss:
         payment = await toss.get_payment_by_order("order wire/1")
+        # Resolving a charge attempt: a failed charge, not a success and not "not found".
+        with pytest.raises(TossChargeFailed) as info:
+            await toss.lookup_charge("order wire/1", 4900, CUSTOMER_KEY)
     assert seen[0].url.raw_path == b"/v1/payments/orders/order%20wire%2F1"
     assert payment is not None
-    assert (payment.status, payment.approved_at, payment.fully_refunded) == ("ABORTED", None, False)
+    assert (payment.status, payment.approved_at) == ("ABORTED", None)
     assert payment.failure is not None
     assert (payment.failure.code, payment.failure.message) == ("REJECT_CARD_PAYMENT", "한도초과")
+    failed = info.value
+    assert (failed.code, failed.message, failed.http_status) == (
+        "REJECT_CARD_PAYMENT",
+        "한도초과",
+        403,
+    )
+    assert (failed.error_class, failed.payment_key) == (FailureClass.DECLINE, payment.payment_key)
+    assert failed.payment_status == "ABORTED"
+    assert not failed.retry_same_request
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"status": "DONE"}, "DONE"),
+        ({"status": "PARTIAL_CANCELED", "balanceAmount": 900}, "PARTIAL_CANCELED"),
+        ({"status": "ABORTED", "failure": None}, TossChargeFailed),
+        (
+            {"status": "EXPIRED", "failure": {"code": "PROVIDER_ERROR", "message": "m"}},
+            "PROVIDER_ERROR",
+        ),
+        ({"status": "IN_PROGRESS"}, TossOutcomeUnknown),
+        ({"status": "DONE", "totalAmount": 9900}, TossReplyMismatch),
+        ({"status": "DONE", "customerKey": "someone-else"}, TossReplyMismatch),
+        (None, None),
+    ],
+)
+async def test_lookup_charge_reads_every_answer(
+    changes: dict[str, object] | None, expected: object
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if changes is None:
+            return httpx.Response(404, json={"code": "NOT_FOUND_PAYMENT", "message": "없음"})
+        return httpx.Response(200, json={**PAYMENT_BODY, **changes})
+
+    async with _mock(handler) as toss:
+        lookup = toss.lookup_charge("order-wire-1", 4900, CUSTOMER_KEY)
+        if isinstance(expected, type):
+            with pytest.raises(expected) as info:  # type: ignore[misc]
+                await lookup
+            if expected is TossChargeFailed:
+                # ABORTED without a reason: Toss's generic failure, transient.
+                assert info.value.code == "UNKNOWN_PAYMENT_ERROR"
+                assert info.value.error_class is FailureClass.TRANSIENT
+        elif expected == "PROVIDER_ERROR":
+            with pytest.raises(TossChargeFailed) as failed:
+                await lookup
+            assert (failed.value.code, failed.value.payment_status) == ("PROVIDER_ERROR", "EXPIRED")
+            assert failed.value.error_class is FailureClass.TRANSIENT
+        elif expected is None:
+            assert await lookup is None
+        else:
+            found = await lookup
+            assert found is not None
+            assert (found.status, found.order_id, found.total_amount) == (
+                expected,
+                "order-wire-1",
+                4900,
+            )
 
 
 @pytest.mark.parametrize(
@@ -535,6 +600,12 @@ async def test_transport_failures_are_outcome_unknown(exc: type[httpx.TransportE
     assert info.value.__cause__ is None
 
 
+class _BrokenStream(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"paymentKey": "tviva'
+        raise httpx.RemoteProtocolError("peer closed connection")
+
+
 @pytest.mark.parametrize(
     "response",
     [
@@ -544,38 +615,47 @@ async def test_transport_failures_are_outcome_unknown(exc: type[httpx.TransportE
         httpx.Response(200, json={**PAYMENT_BODY, "totalAmount": True}),
         httpx.Response(200, json={**PAYMENT_BODY, "approvedAt": "yesterday"}),
         httpx.Response(200, json=[PAYMENT_BODY]),
+        # a corrupt gzip body: httpx cannot decode it
+        httpx.Response(
+            200,
+            stream=httpx.ByteStream(b"\x1f\x8b\x08\x00not-gzip"),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        ),
+        # a body cut short by the connection
+        httpx.Response(200, stream=_BrokenStream(), headers={"Content-Type": "application/json"}),
     ],
 )
 async def test_unreadable_success_is_outcome_unknown(response: httpx.Response) -> None:
+    # Any 2xx that cannot be read is outcome-unknown: the charge may have gone through.
     async with _mock(lambda request: response) as toss:
         with pytest.raises(TossMalformedResponse) as info:
             await toss.charge("bk", CUSTOMER_KEY, 4900, "order-x-1", "Pro", idempotency_key="k")
     assert isinstance(info.value, TossOutcomeUnknown)
-    assert outcome_of(info.value) is Outcome.UNKNOWN
 
 
 async def test_non_json_error_is_classified_by_status() -> None:
     async with _mock(lambda request: httpx.Response(502, text="Bad Gateway")) as toss:
         lookup = await _error(toss.get_payment("p"))
         charge = await _error(toss.charge("bk", "c1", 4900, "order-x-1", "P", idempotency_key="k"))
-    assert (lookup.code, lookup.error_class) == ("HTTP_502", ErrorClass.TRANSIENT)
-    assert (charge.code, charge.error_class) == ("HTTP_502", ErrorClass.RECONCILE_FIRST)
+    assert (lookup.code, lookup.error_class) == ("HTTP_502", FailureClass.TRANSIENT)
+    assert (charge.code, charge.error_class) == ("HTTP_502", FailureClass.TRANSIENT)
 
 
 # --------------------------------------------------------------------------- secrets
 
 
 async def test_secret_key_never_shows(
-    server: LiveServer,
-    caplog: pytest.LogCaptureFixture,
-    toss: TossClient,
-    acontrol: httpx.AsyncClient,
+    start_sandbox: Callable[..., LiveServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="service.toss")
-    billing_key = await _billing_key(toss, acontrol)
     other = "test_sk_" + "D" * 28
+    server = start_sandbox(secret_keys=[other])
     unauthorized = {"endpoint": "*", "kind": "error", "status": 401, "code": "UNAUTHORIZED_KEY"}
-    async with TossClient(other, base_url=server.url) as client:
+    async with (
+        TossClient(other, base_url=server.url) as client,
+        httpx.AsyncClient(base_url=server.url) as acontrol,
+    ):
+        billing_key = await _billing_key(client, acontrol)
         payment = await _charge(client, billing_key, "order-secret-1")
         texts = [repr(client), str(client)]
         await acontrol.post("/_sandbox/faults", json={**unauthorized, "count": 1})
@@ -600,11 +680,30 @@ async def test_secret_key_never_shows(
     assert SecretKey(other).reveal() == other
 
 
+@pytest.mark.parametrize(
+    ("pasted", "says"),
+    [
+        ("\ufefftest_sk_abc", "byte-order mark"),
+        ("test_sk_abc\n", "line break"),
+        ("test_sk_abc\r\n", "line break"),
+        (" test_sk_abc", "whitespace"),
+        ("test_sk_ab c", "whitespace"),
+        ("test_sk_abc\t", "whitespace"),
+        ("test_sk_abc:", "':'"),
+        ("test_sk_abç", "ASCII"),
+        ("test_sk_abc\x00", "ASCII"),
+        ("", "empty"),
+    ],
+)
+def test_secret_key_is_refused_when_loaded(pasted: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says) as info:
+        SecretKey(pasted)
+    assert "abc" not in str(info.value)  # the message never repeats the key
+    with pytest.raises(ValueError, match=says):
+        TossClient(pasted)
+
+
 def test_secret_key_rules() -> None:
-    with pytest.raises(ValueError, match="format"):
-        SecretKey("test_sk_abc:")
-    with pytest.raises(ValueError, match="format"):
-        SecretKey(" test_sk_abc")
     assert SecretKey("test_sk_abc") == SecretKey("test_sk_abc")
     assert SecretKey("test_sk_abc") != SecretKey("test_sk_abd")
     assert SecretKey("live_" + "sk_x").is_live

@@ -7,14 +7,15 @@ with the code's documented HTTP status and a ``{code, message}`` body, processes
 The expected values are written out here from the reference, not read from ``ERROR_CODES``, so
 a wrong row in the code table fails. The reference's "retry?" column maps to the classes as:
 
-* "no (config / bug / fix)", "no", "no (drop installment)"            -> BUG_OR_CONFIG
+* "no (config / bug / fix)", "no", "no (drop installment)"            -> BUG
 * "no — restart registration / re-register / ask for another card",
   "no (contact issuer)"                                                 -> NEEDS_NEW_CARD
 * "dunning: retry on a later day", "later", "usually no; maybe later"   -> DECLINE
 * "no blind retry — look up", "reconcile", "re-read balance",
-  "no (treat as done)"                                                  -> RECONCILE_FIRST
-* "yes ..."                                                             -> TRANSIENT, except
-  that a 5xx on a charge or a cancel ("yes, after reconcile / after lookup") is RECONCILE_FIRST.
+  "no (treat as done)"                                                  -> RECONCILE
+* "yes, same key" (409) and 429                                         -> UNPROCESSED
+* every other "yes ..." (processed, so replayed under its key)          -> TRANSIENT, and so is
+  every 5xx ("yes, after reconcile / after lookup"; FAILED_DB_PROCESSING too).
 
 The header only works on POSTs (§14 item 4), so codes of the DELETE and GET endpoints are sent
 to the POST endpoint where the same condition also occurs.
@@ -29,20 +30,21 @@ import httpx
 import pytest
 from sandbox_harness import CUSTOMER_KEY, GOOD_CARD, SECRET_KEY, LiveServer, basic
 
-from service.toss import ERROR_CODES, ErrorClass, Operation, TossClient, TossError
+from service.toss import ERROR_CODES, FailureClass, Operation, TossClient, TossError
 
-BUG = ErrorClass.BUG_OR_CONFIG
-CARD = ErrorClass.NEEDS_NEW_CARD
-DECLINE = ErrorClass.DECLINE
-RECONCILE = ErrorClass.RECONCILE_FIRST
-TRANSIENT = ErrorClass.TRANSIENT
+BUG = FailureClass.BUG
+CARD = FailureClass.NEEDS_NEW_CARD
+DECLINE = FailureClass.DECLINE
+RECONCILE = FailureClass.RECONCILE
+TRANSIENT = FailureClass.TRANSIENT
+UNPROCESSED = FailureClass.UNPROCESSED
 
 ISSUE = Operation.ISSUE_BILLING_KEY
 CHARGE = Operation.CHARGE
 CANCEL = Operation.CANCEL
 
 # (endpoint, code, documented HTTP status, documented retry class)
-ROWS: list[tuple[Operation, str, int, ErrorClass]] = [
+ROWS: list[tuple[Operation, str, int, FailureClass]] = [
     # §1 / §9b authentication and configuration
     (ISSUE, "UNAUTHORIZED_KEY", 401, BUG),
     (CHARGE, "UNAUTHORIZED_KEY", 401, BUG),
@@ -127,27 +129,28 @@ ROWS: list[tuple[Operation, str, int, ErrorClass]] = [
     (CANCEL, "NOT_CANCELABLE_PAYMENT_FOR_DORMANT_USER", 403, BUG),
     (CANCEL, "EXCEED_CANCEL_LIMIT", 403, BUG),
     # idempotency
-    (ISSUE, "IDEMPOTENT_REQUEST_PROCESSING", 409, TRANSIENT),
-    (CHARGE, "IDEMPOTENT_REQUEST_PROCESSING", 409, TRANSIENT),
-    (CANCEL, "IDEMPOTENT_REQUEST_PROCESSING", 409, TRANSIENT),
+    (ISSUE, "IDEMPOTENT_REQUEST_PROCESSING", 409, UNPROCESSED),
+    (CHARGE, "IDEMPOTENT_REQUEST_PROCESSING", 409, UNPROCESSED),
+    (CANCEL, "IDEMPOTENT_REQUEST_PROCESSING", 409, UNPROCESSED),
     # 5xx: retried after a lookup; on money-moving calls the lookup comes first
     (ISSUE, "FAILED_BILL_KEY_AUTH_CREATION", 500, TRANSIENT),
     (ISSUE, "FAILED_INTERNAL_SYSTEM_PROCESSING", 500, TRANSIENT),
     (ISSUE, "COMMON_ERROR", 500, TRANSIENT),
-    (ISSUE, "FAILED_DB_PROCESSING", 500, BUG),  # "usually no — likely bad input"
-    (CHARGE, "FAILED_DB_PROCESSING", 500, RECONCILE),
-    (CHARGE, "FAILED_INTERNAL_SYSTEM_PROCESSING", 500, RECONCILE),
-    (CHARGE, "FAILED_PAYMENT_INTERNAL_SYSTEM_PROCESSING", 500, RECONCILE),
-    (CHARGE, "FAILED_CARD_COMPANY_RESPONSE", 500, RECONCILE),
-    (CHARGE, "COMMON_ERROR", 500, RECONCILE),
-    (CHARGE, "UNKNOWN_ERROR", 500, RECONCILE),
-    (CHARGE, "UNKNOWN_PAYMENT_ERROR", 500, RECONCILE),
-    (CANCEL, "FAILED_REFUND_PROCESS", 500, RECONCILE),
-    (CANCEL, "FAILED_METHOD_HANDLING_CANCEL", 500, RECONCILE),
-    (CANCEL, "FAILED_PARTIAL_REFUND", 500, RECONCILE),
-    (CANCEL, "FAILED_INTERNAL_SYSTEM_PROCESSING", 500, RECONCILE),
-    (CANCEL, "FAILED_PAYMENT_INTERNAL_SYSTEM_PROCESSING", 500, RECONCILE),
-    (CANCEL, "COMMON_ERROR", 500, RECONCILE),
+    # "usually no — likely bad input", but a 5xx was processed and may be temporary: transient
+    (ISSUE, "FAILED_DB_PROCESSING", 500, TRANSIENT),
+    (CHARGE, "FAILED_DB_PROCESSING", 500, TRANSIENT),
+    (CHARGE, "FAILED_INTERNAL_SYSTEM_PROCESSING", 500, TRANSIENT),
+    (CHARGE, "FAILED_PAYMENT_INTERNAL_SYSTEM_PROCESSING", 500, TRANSIENT),
+    (CHARGE, "FAILED_CARD_COMPANY_RESPONSE", 500, TRANSIENT),
+    (CHARGE, "COMMON_ERROR", 500, TRANSIENT),
+    (CHARGE, "UNKNOWN_ERROR", 500, TRANSIENT),
+    (CHARGE, "UNKNOWN_PAYMENT_ERROR", 500, TRANSIENT),
+    (CANCEL, "FAILED_REFUND_PROCESS", 500, TRANSIENT),
+    (CANCEL, "FAILED_METHOD_HANDLING_CANCEL", 500, TRANSIENT),
+    (CANCEL, "FAILED_PARTIAL_REFUND", 500, TRANSIENT),
+    (CANCEL, "FAILED_INTERNAL_SYSTEM_PROCESSING", 500, TRANSIENT),
+    (CANCEL, "FAILED_PAYMENT_INTERNAL_SYSTEM_PROCESSING", 500, TRANSIENT),
+    (CANCEL, "COMMON_ERROR", 500, TRANSIENT),
 ]
 
 pytestmark = pytest.mark.anyio
@@ -188,20 +191,20 @@ async def test_code_status_and_retry_class(
     operation: Operation,
     code: str,
     status: int,
-    error_class: ErrorClass,
+    error_class: FailureClass,
 ) -> None:
-    # A code missing from the table would still come back (as 400, BUG_OR_CONFIG).
+    # A code missing from the table would still come back (as 400, BUG).
     assert code in ERROR_CODES
     auth_key = await _auth_key(acontrol)
     if operation is ISSUE:
         async with _forcing(server, code) as client:
             with pytest.raises(TossError) as info:
-                await client.issue_billing_key(auth_key, CUSTOMER_KEY)
+                await client.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="reg-1")
         # Nothing was processed: the one-time authKey is still unused.
-        billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY)
+        billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="reg-2")
         assert billing.customer_key == CUSTOMER_KEY
     elif operation is CHARGE:
-        billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY)
+        billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="reg-2")
         async with _forcing(server, code) as client:
             with pytest.raises(TossError) as info:
                 await client.charge(
@@ -215,7 +218,7 @@ async def test_code_status_and_retry_class(
         assert await toss.get_payment_by_order("order-code-1") is None
         assert await _approvals(acontrol) == []
     else:
-        billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY)
+        billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="reg-2")
         paid = await toss.charge(
             billing.billing_key, CUSTOMER_KEY, 4900, "order-code-2", "Pro", idempotency_key="k-2"
         )
@@ -228,7 +231,7 @@ async def test_code_status_and_retry_class(
     error = info.value
     assert (error.code, error.http_status, error.operation) == (code, status, operation)
     assert error.error_class is error_class
-    assert error.retry_same_request is (error_class is TRANSIENT)
+    assert error.retry_same_request is (error_class is UNPROCESSED)
     assert error.message == ERROR_CODES[code].message
 
 
@@ -326,14 +329,14 @@ def test_every_reference_code_has_a_row() -> None:
 
 
 @pytest.mark.parametrize("operation", [ISSUE, CHARGE, CANCEL, Operation.GET_PAYMENT])
-async def test_429_without_a_code_is_transient(operation: Operation) -> None:
+async def test_429_without_a_code_is_unprocessed(operation: Operation) -> None:
     """§9b "(no code) 429 — yes, back off": classified by the status alone."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(429)
 
     calls = {
-        ISSUE: lambda c: c.issue_billing_key("bln_x", CUSTOMER_KEY),
+        ISSUE: lambda c: c.issue_billing_key("bln_x", CUSTOMER_KEY, idempotency_key="reg-1"),
         CHARGE: lambda c: c.charge("bk", CUSTOMER_KEY, 4900, "order-429", "P", idempotency_key="k"),
         CANCEL: lambda c: c.cancel("pk", "환불", idempotency_key="k"),
         Operation.GET_PAYMENT: lambda c: c.get_payment("pk"),
@@ -346,8 +349,9 @@ async def test_429_without_a_code_is_transient(operation: Operation) -> None:
         with pytest.raises(TossError) as info:
             await call
     error = info.value
-    assert (error.code, error.http_status, error.error_class) == ("HTTP_429", 429, TRANSIENT)
+    assert (error.code, error.http_status, error.error_class) == ("HTTP_429", 429, UNPROCESSED)
     assert error.retry_same_request is True
+    assert error.retry_after is None  # no Retry-After header
 
 
 # --------------------------------------------------------------------------- §2b card issuance

@@ -140,8 +140,9 @@ def test_widget_keys_are_refused_on_billing_routes(
     assert error_of(response) == (400, "INVALID_API_KEY")
 
 
-def test_legacy_ak_secret_keys_are_accepted(server: LiveServer) -> None:
-    # §1: very old docs show test_ak_ secret keys; unknown prefixes are not hard-rejected.
+def test_legacy_ak_secret_keys_are_accepted(start_sandbox: Callable[..., LiveServer]) -> None:
+    # §1: very old docs show test_ak_ secret keys; a merchant may be configured with one.
+    server = start_sandbox(secret_keys=["test_ak_legacy01"])
     response = httpx.get(f"{server.url}/v1/payments/nope", headers=basic("test_ak_legacy01"))
     assert error_of(response) == (404, "NOT_FOUND_PAYMENT")
 
@@ -603,11 +604,15 @@ def test_test_code_status_follows_the_code_table(
 
 
 def test_test_code_header_is_ignored_with_live_keys(
-    server: LiveServer, api: httpx.Client, control: httpx.Client
+    start_sandbox: Callable[..., LiveServer],
 ) -> None:
-    billing_key = new_billing_key(api, control)
-    headers = {**basic(LIVE_SECRET_KEY), "TossPayments-Test-Code": "REJECT_CARD_PAYMENT"}
-    response = charge(api, billing_key, "order-tc-live", headers=headers)
+    server = start_sandbox(secret_keys=[LIVE_SECRET_KEY])
+    with httpx.Client(base_url=server.url, headers=basic(LIVE_SECRET_KEY)) as live:
+        # A live sandbox has no control API: the key comes from the card-number endpoint.
+        issued = _card_issue(live, GOOD_CARD)
+        assert issued.status_code == 200, issued.text
+        headers = {"TossPayments-Test-Code": "REJECT_CARD_PAYMENT"}
+        response = charge(live, issued.json()["billingKey"], "order-tc-live", headers=headers)
     assert response.status_code == 200
     assert response.json()["status"] == "DONE"
 

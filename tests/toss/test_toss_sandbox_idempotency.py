@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 import httpx
 import pytest
@@ -94,11 +96,17 @@ def test_key_is_scoped_by_url(api: httpx.Client, control: httpx.Client) -> None:
     assert len(_approvals(control)) == 2
 
 
-def test_key_is_scoped_by_secret_key(api: httpx.Client, control: httpx.Client) -> None:
-    billing_key = new_billing_key(api, control)
+def test_key_is_scoped_by_secret_key(start_sandbox: Callable[..., LiveServer]) -> None:
+    # Two secret keys of one merchant: the same data, separate idempotency keys.
     other_key = "test_sk_" + "B" * 28
-    a = charge(api, billing_key, "order-sk-1", headers=_key("shared"))
-    b = charge(api, billing_key, "order-sk-2", headers={**_key("shared"), **basic(other_key)})
+    server = start_sandbox(secret_keys=[f"{SECRET_KEY}:{other_key}"])
+    with (
+        httpx.Client(base_url=server.url, headers=basic(SECRET_KEY)) as api,
+        httpx.Client(base_url=server.url) as control,
+    ):
+        billing_key = new_billing_key(api, control)
+        a = charge(api, billing_key, "order-sk-1", headers=_key("shared"))
+        b = charge(api, billing_key, "order-sk-2", headers={**_key("shared"), **basic(other_key)})
     assert (a.status_code, b.status_code) == (200, 200)
     assert a.json()["paymentKey"] != b.json()["paymentKey"]
 
