@@ -116,10 +116,10 @@ async def _serve(request: Request, endpoint: str, handler: Handler, *, billing: 
     wait = caller.merchant.limiter.admit(caller.secret_digest, endpoint)
     if wait is not None:
         code, message = TOO_MANY_REQUESTS
-        retry_after = str(max(1, math.ceil(wait)))
-        return ApiError(code, message, 429).response(lang, {"Retry-After": retry_after})
+        return ApiError(code, message, 429).response(lang, _retry_after(wait))
     if error := sandbox.faults.fire(endpoint, FaultKind.ERROR):
-        return error.error().response(lang)
+        headers = _retry_after(error.seconds) if error.status == 429 else None
+        return error.error().response(lang, headers)
 
     idempotency = caller.merchant.idempotency
     key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
@@ -169,6 +169,11 @@ async def _process(
     if result is None:
         return StoredResponse(200, b"", "")
     return StoredResponse(200, json_bytes(result), "application/json")
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    # Whole seconds (RFC 9110 delta-seconds), never 0: "retry now" would just hit it again.
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _response(stored: StoredResponse, idempotency_key: str | None) -> Response:

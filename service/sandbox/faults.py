@@ -12,7 +12,8 @@ kinds:
 * ``error``: answer ``{code, message}`` with ``status`` before anything is processed; such an
   answer is not stored under the Idempotency-Key (it models a failure in front of Toss's
   processing; use ``TossPayments-Test-Code`` for an error Toss itself returns and replays).
-  ``status`` 429 without a code answers ``TOO_MANY_REQUESTS``.
+  ``status`` 429 without a code answers ``TOO_MANY_REQUESTS``, with ``Retry-After`` of
+  ``seconds`` rounded up (at least 1).
 * ``latency``: the request is processed after ``seconds`` (it is in flight meanwhile, so a
   duplicate with the same Idempotency-Key gets 409).
 * ``hold``: like latency, but waits until ``POST /_sandbox/faults/release``.
