@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -36,6 +37,7 @@ from service.toss import (
     classify,
     parse_time,
 )
+from service.toss_errors import parse_retry_after
 
 pytestmark = pytest.mark.anyio
 
@@ -732,3 +734,214 @@ def test_httpx_request_log_never_shows_the_billing_key() -> None:
     message = record.getMessage()
     assert "Z_t5vOvQxrj4499PeiJcjen28" not in message
     assert "/v1/billing/<billing-key>" in message
+
+
+# --------------------------------------------------------------------------- replies that lie
+
+
+def _reply(**changes: object) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda request: httpx.Response(200, json={**PAYMENT_BODY, **changes})
+
+
+async def _charge_wire(toss: TossClient) -> Payment:
+    return await toss.charge(
+        "bk", CUSTOMER_KEY, 4900, "order-wire-1", "Pro", idempotency_key="attempt-1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "actual"),
+    [
+        ({"orderId": "order-other-9"}, "orderId", "order-other-9"),
+        ({"totalAmount": 9900}, "totalAmount", 9900),
+        ({"customerKey": "cus_someone_else"}, "customerKey", "cus_someone_else"),
+        ({"status": "ABORTED", "approvedAt": None}, "status", "ABORTED"),
+        ({"status": "EXPIRED", "approvedAt": None}, "status", "EXPIRED"),
+        ({"status": "CANCELED"}, "status", "CANCELED"),
+    ],
+)
+async def test_charge_reply_must_match_the_request(
+    caplog: pytest.LogCaptureFixture, changes: dict[str, object], field: str, actual: object
+) -> None:
+    async with _mock(_reply(**changes)) as toss:
+        with pytest.raises(TossReplyMismatch) as info:
+            await _charge_wire(toss)
+    mismatch = info.value
+    assert not isinstance(mismatch, (TossError, TossOutcomeUnknown))  # never a success or retry
+    assert (mismatch.operation, mismatch.field, mismatch.actual) == (
+        Operation.CHARGE,
+        field,
+        actual,
+    )
+    alerts = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in alerts] == [
+        f"toss charge: reply does not match the request ({field})"
+    ]
+
+
+async def test_other_replies_are_checked_too() -> None:
+    billing = {**BILLING_BODY, "customerKey": "cus_someone_else"}
+    async with _mock(lambda request: httpx.Response(200, json=billing)) as toss:
+        with pytest.raises(TossReplyMismatch, match="customerKey"):
+            await toss.issue_billing_key("bln_x", CUSTOMER_KEY, idempotency_key="reg-1")
+    async with _mock(_reply()) as toss:
+        with pytest.raises(TossReplyMismatch, match="paymentKey"):
+            await toss.get_payment("tviva20250301100000zzzzz")
+        with pytest.raises(TossReplyMismatch, match="orderId"):
+            await toss.get_payment_by_order("order-wire-2")
+        # A cancel answered with the payment still DONE did not cancel anything.
+        with pytest.raises(TossReplyMismatch, match="status"):
+            await toss.cancel("tviva20250301100000abcde", "환불", idempotency_key="r-1")
+    async with _mock(lambda request: httpx.Response(200, json=CANCELED_BODY)) as toss:
+        with pytest.raises(TossReplyMismatch, match="paymentKey"):
+            await toss.cancel("tviva20250301100000zzzzz", "환불", idempotency_key="r-2")
+
+
+async def test_a_reused_key_replays_another_charge_loudly(
+    toss: TossClient, acontrol: httpx.AsyncClient
+) -> None:
+    # Toss (and the sandbox) replay the first response for a key whatever the new body: an
+    # attempt that reuses another attempt's key must not be taken as paid.
+    billing_key = await _billing_key(toss, acontrol)
+    first = await _charge(toss, billing_key, "order-key-1", key="k-collide")
+    with pytest.raises(TossReplyMismatch) as info:
+        await _charge(toss, billing_key, "order-key-2", key="k-collide")
+    assert (info.value.field, info.value.expected, info.value.actual) == (
+        "orderId",
+        "order-key-2",
+        first.order_id,
+    )
+    with pytest.raises(TossReplyMismatch, match="totalAmount"):
+        await _charge(toss, billing_key, "order-key-1", amount=9900, key="k-collide")
+    ledger = (await acontrol.get("/_sandbox/ledger")).json()
+    assert [e["orderId"] for e in ledger["entries"]] == ["order-key-1"]
+    assert await toss.get_payment_by_order("order-key-2") is None
+
+
+# --------------------------------------------------------------------------- lookups of charges
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+async def test_lookup_charge_under_both_failed_charge_behaviours(
+    start_sandbox: Callable[..., LiveServer], recorded: bool
+) -> None:
+    server = start_sandbox(record_failed_charges=recorded)
+    async with (
+        TossClient(SECRET_KEY, base_url=server.url) as toss,
+        httpx.AsyncClient(base_url=server.url) as acontrol,
+    ):
+        declining = await _billing_key(toss, acontrol, "4000000001000000")
+        good = await _billing_key(toss, acontrol)
+        declined = await _error(_charge(toss, declining, "order-look-1"))
+        paid = await _charge(toss, good, "order-look-2")
+        assert await toss.lookup_charge("order-look-2", 4900, CUSTOMER_KEY) == paid
+        assert await toss.lookup_charge("order-look-3", 4900, CUSTOMER_KEY) is None
+        if recorded:
+            # Found as ABORTED with failure: a failed charge, classified like the answer.
+            with pytest.raises(TossChargeFailed) as info:
+                await toss.lookup_charge("order-look-1", 4900, CUSTOMER_KEY)
+            failed = info.value
+            assert (failed.code, failed.http_status, failed.error_class) == (
+                declined.code,
+                declined.http_status,
+                declined.error_class,
+            )
+            assert (failed.code, failed.payment_status) == ("REJECT_CARD_PAYMENT", "ABORTED")
+        else:
+            assert await toss.lookup_charge("order-look-1", 4900, CUSTOMER_KEY) is None
+
+
+# --------------------------------------------------------------------------- issue, 429, deadline
+
+
+async def test_lost_issue_answer_is_recovered_under_the_registration_key(
+    toss: TossClient, acontrol: httpx.AsyncClient, server: LiveServer
+) -> None:
+    body = {"customerKey": CUSTOMER_KEY}
+    auth_key = (await acontrol.post("/_sandbox/auth-keys", json=body)).json()["authKey"]
+    drop = {"endpoint": "issue_billing_key", "kind": "drop_after_commit", "count": 1}
+    await acontrol.post("/_sandbox/faults", json=drop)
+    with pytest.raises(TossOutcomeUnknown):
+        await toss.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="reg-7f3e")
+    # The authKey is spent; only the same Idempotency-Key returns the key that was issued.
+    again = await toss.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="reg-7f3e")
+    other = await _error(toss.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="x"))
+    assert other.code == "INVALID_BILLING_AUTH"
+    paid = await _charge(toss, again.billing_key, "order-reg-1")
+    assert paid.status == "DONE"
+    with pytest.raises(ValueError, match="idempotency key"):
+        await toss.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="")
+
+
+async def test_rate_limit_keeps_retry_after(start_sandbox: Callable[..., LiveServer]) -> None:
+    server = start_sandbox(rate_limit=1)
+    async with TossClient(SECRET_KEY, base_url=server.url) as toss:
+        assert await toss.get_payment_by_order("order-rl-1") is None
+        error = await _error(toss.get_payment_by_order("order-rl-2"))
+    assert (error.code, error.http_status, error.retry_after) == ("TOO_MANY_REQUESTS", 429, 60.0)
+    assert error.error_class is FailureClass.UNPROCESSED
+    assert error.retry_same_request
+
+
+def test_retry_after_forms() -> None:
+    now = START.astimezone(UTC)
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Sat, 01 Mar 2025 01:00:30 GMT", now) == 30.0
+    assert parse_retry_after("Sat, 01 Mar 2025 00:59:00 GMT", now) == 0.0  # in the past
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+async def test_error_with_an_unreadable_body_is_classified_by_status() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            503,
+            stream=httpx.ByteStream(b"\x1f\x8b\x08\x00broken"),
+            headers={"Content-Encoding": "gzip", "Retry-After": "5"},
+        )
+
+    async with _mock(handler) as toss:
+        error = await _error(toss.get_payment("p"))
+    assert (error.code, error.error_class, error.retry_after) == (
+        "HTTP_503",
+        FailureClass.TRANSIENT,
+        5.0,
+    )
+
+
+async def test_a_trickling_server_cannot_outlast_the_deadline() -> None:
+    """Per-read timeouts never fire on a server sending a byte at a time; the deadline does."""
+    body = json.dumps(PAYMENT_BODY).encode()
+    head, tail = body[:-20], body[-20:]
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + head
+            )
+            for byte in tail:  # 20 bytes, 0.1 s apart: 2 s in all
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                writer.write(bytes([byte]))
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with TossClient(SECRET_KEY, base_url=f"http://127.0.0.1:{port}", timeout=1) as toss:
+            with pytest.raises(TossOutcomeUnknown) as info:
+                await _charge_wire(toss)
+        assert (info.value.reason, info.value.operation) == ("deadline exceeded", Operation.CHARGE)
+        # The same exchange completes when the deadline leaves room for it.
+        async with TossClient(SECRET_KEY, base_url=f"http://127.0.0.1:{port}", timeout=30) as toss:
+            assert (await _charge_wire(toss)).order_id == "order-wire-1"
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import timedelta
 
 import httpx
 import pytest
-from sandbox_harness import START, LiveServer, WebhookSink, charge, new_billing_key, wait_until
+from sandbox_harness import (
+    CUSTOMER_KEY,
+    SECRET_KEY,
+    START,
+    LiveServer,
+    WebhookSink,
+    charge,
+    new_billing_key,
+    wait_until,
+)
 
 from service.sandbox.clock import toss_time
+from service.toss import TossClient
 
 HOOK_URL = "http://merchant.test/webhooks/toss"
 CREATED_AT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}")  # no offset
@@ -91,6 +102,62 @@ def test_full_cancel_sends_canceled(
     assert body["eventType"] == "PAYMENT_STATUS_CHANGED"
     assert (body["data"]["status"], body["data"]["balanceAmount"]) == ("CANCELED", 0)
     assert body["data"]["paymentKey"] == payment["paymentKey"]
+
+
+def _statuses(control: httpx.Client) -> list[str]:
+    deliveries = control.get("/_sandbox/webhooks").json()["deliveries"]
+    return [json.loads(d["body"])["data"]["status"] for d in deliveries]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        # The documented minimum: only when the status changes. The second partial cancel and
+        # the last one (balance 0, status stays PARTIAL_CANCELED) change nothing.
+        ({}, ["PARTIAL_CANCELED"]),
+        ({"cancel_webhooks": "status_change"}, ["PARTIAL_CANCELED"]),
+        ({"cancel_webhooks": "every_cancel"}, ["PARTIAL_CANCELED"] * 3),
+        ({"cancel_webhooks": "none"}, []),
+    ],
+)
+async def test_cancel_webhooks_switch_and_refunds_need_none(
+    start_sandbox: Callable[..., LiveServer], option: dict[str, str], expected: list[str]
+) -> None:
+    server = start_sandbox(webhook_url=None, **option)
+    async with (
+        TossClient(SECRET_KEY, base_url=server.url) as toss,
+        httpx.AsyncClient(base_url=server.url) as acontrol,
+    ):
+        body = {"customerKey": CUSTOMER_KEY}
+        auth_key = (await acontrol.post("/_sandbox/auth-keys", json=body)).json()["authKey"]
+        billing = await toss.issue_billing_key(auth_key, CUSTOMER_KEY, idempotency_key="reg")
+        paid = await toss.charge(
+            billing.billing_key, CUSTOMER_KEY, 9000, "order-hooks-1", "Pro", idempotency_key="c"
+        )
+        refunds = [
+            await toss.cancel(paid.payment_key, "환불", 3000, idempotency_key=f"r-{i}")
+            for i in range(3)
+        ]
+        with httpx.Client(base_url=server.url) as control:
+            assert _statuses(control) == expected
+    # Refund sync reads the cancel's own answer: each refund is there, webhook or not.
+    assert [r.balance_amount for r in refunds] == [6000, 3000, 0]
+    assert [len(r.cancels) for r in refunds] == [1, 2, 3]
+    assert [r.cancels[-1].cancel_amount for r in refunds] == [3000] * 3
+    assert {r.status for r in refunds} == {"PARTIAL_CANCELED"}
+
+
+def test_full_cancel_after_a_partial_one_sends_nothing_by_default(
+    api: httpx.Client, hooked: httpx.Client, webhook_sink: WebhookSink
+) -> None:
+    payment = charge(api, new_billing_key(api, hooked), "order-hook-3", 10000).json()
+    path = f"/v1/payments/{payment['paymentKey']}/cancel"
+    api.post(path, json={"cancelReason": "부분", "cancelAmount": 1000})
+    rest = api.post(path, json={"cancelReason": "나머지"}).json()
+    assert (rest["status"], rest["balanceAmount"]) == ("PARTIAL_CANCELED", 0)
+    hooked.post("/_sandbox/webhooks/flush")
+    assert _statuses(hooked) == ["PARTIAL_CANCELED"]
 
 
 def test_failed_deliveries_follow_the_retry_schedule(
