@@ -478,6 +478,18 @@ def test_charge_accepts_valid_order_ids(
     assert charge(api, billing_key, order_id, 100).status_code == 200
 
 
+def test_charge_ignores_undocumented_fields(api: httpx.Client, control: httpx.Client) -> None:
+    # An assumption (CONFORMANCE.md): cardInstallmentPlan (older docs), currency and unknown
+    # fields are accepted and ignored on a billing charge; the client never sends them.
+    billing_key = new_billing_key(api, control)
+    extra = {"cardInstallmentPlan": 3, "currency": "USD", "brandNewField": {"x": 1}}
+    paid = charge(api, billing_key, "order-lenient-1", 4900, **extra)
+    assert paid.status_code == 200
+    body = paid.json()
+    assert (body["currency"], body["card"]["installmentPlanMonths"]) == ("KRW", 0)
+    assert "brandNewField" not in body
+
+
 def test_charge_with_unknown_billing_key(api: httpx.Client) -> None:
     assert error_of(charge(api, "no-such-key", "order-0001")) == (404, "NOT_FOUND_BILLING")
 
