@@ -20,6 +20,8 @@ DELETE  /_sandbox/faults             remove all faults
 POST    /_sandbox/faults/held        ``{count}``: wait (up to 10 s, else 408) until that
                                      many requests are held by ``hold`` faults
 POST    /_sandbox/faults/release     let held requests continue
+GET     /_sandbox/rate-limit         the merchant's limit per minute (null: off) and the
+                                     429s it answered, per API
 GET     /_sandbox/clock              the sandbox time
 POST    /_sandbox/clock/advance      ``{days?, hours?, minutes?, seconds?}``, then deliver the
                                      webhooks now due; answers the time and those deliveries
@@ -143,6 +145,10 @@ async def _release(request: Request, sandbox: Sandbox, merchant: Merchant) -> ob
     return {"released": sandbox.faults.release()}
 
 
+async def _rate_limit(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
+    return merchant.limiter.listing()
+
+
 async def _clock(request: Request, sandbox: Sandbox, merchant: Merchant) -> object:
     return {"now": toss_time(sandbox.clock.now())}
 
@@ -196,6 +202,7 @@ routes = [
     Route("/_sandbox/faults", _control(_clear_faults), methods=["DELETE"]),
     Route("/_sandbox/faults/held", _control(_wait_held), methods=["POST"]),
     Route("/_sandbox/faults/release", _control(_release), methods=["POST"]),
+    Route("/_sandbox/rate-limit", _control(_rate_limit), methods=["GET"]),
     Route("/_sandbox/clock", _control(_clock), methods=["GET"]),
     Route("/_sandbox/clock/advance", _control(_advance), methods=["POST"]),
     Route("/_sandbox/webhook", _control(_set_webhook), methods=["PUT"]),

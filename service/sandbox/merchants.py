@@ -139,6 +139,7 @@ class RateLimiter:
         self.per_minute = per_minute
         self._lock = threading.Lock()
         self._hits: dict[tuple[str, str], deque[datetime]] = {}
+        self._refused: dict[str, int] = {}
 
     def admit(self, key_digest: str, api: str) -> float | None:
         """None when the request may go on, else the seconds until it would be admitted."""
@@ -150,13 +151,20 @@ class RateLimiter:
             while hits and now - hits[0] >= RATE_WINDOW:
                 hits.popleft()
             if len(hits) >= self.per_minute:
+                self._refused[api] = self._refused.get(api, 0) + 1
                 return (hits[0] + RATE_WINDOW - now).total_seconds()
             hits.append(now)
             return None
 
+    def listing(self) -> dict[str, object]:
+        """The limit and how many requests it refused, per API (what a benchmark counts)."""
+        with self._lock:
+            return {"perMinute": self.per_minute, "refused": dict(self._refused)}
+
     def reset(self) -> None:
         with self._lock:
             self._hits.clear()
+            self._refused.clear()
 
 
 class Merchant:

@@ -250,6 +250,11 @@ def test_test_mode_allows_100_requests_per_minute_per_api(
         assert api.get("/v1/payments/p-z").headers["Retry-After"] == "30"
         control.post("/_sandbox/clock/advance", json={"seconds": 30})
         assert api.get("/v1/payments/p-z").status_code == 404
+        # What a benchmark reads: the 429s answered, per API.
+        assert control.get("/_sandbox/rate-limit").json() == {
+            "perMinute": 100,
+            "refused": {"get_payment": 12},
+        }
 
 
 def test_rate_limited_requests_are_not_processed(start_sandbox: Callable[..., LiveServer]) -> None:
