@@ -164,6 +164,19 @@ def test_control_api_acts_on_the_merchant_of_its_key(two: LiveServer) -> None:
     assert (a.webhooks.url, b.webhooks.url) == (None, hook["url"])
 
 
+def test_webhooks_are_the_merchants_own(two: LiveServer) -> None:
+    with (
+        httpx.Client(base_url=two.url, headers=basic(B_SK)) as b,
+        httpx.Client(base_url=two.url) as a_control,
+    ):
+        billing_key = new_billing_key(b, b)
+        b.delete(f"/v1/billing/{billing_key}")
+        b_events = b.get("/_sandbox/webhooks").json()["deliveries"]
+        a_events = a_control.get("/_sandbox/webhooks").json()["deliveries"]
+    assert [d["eventType"] for d in b_events] == ["BILLING_DELETED"]
+    assert a_events == []
+
+
 def test_sdk_window_mints_the_auth_key_for_the_client_keys_merchant(two: LiveServer) -> None:
     form = {
         "clientKey": B_CK,
