@@ -182,6 +182,12 @@ def _rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack(args: argparse.Namespace) -> int:
+    from service.runtime import stack
+
+    return stack.main(args.action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saju-billing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the database, as its owner (postgres); default: $DATABASE_URL or the local runtime",
     )
     cf.set_defaults(func=_configure)
+
+    st = sub.add_parser(
+        "stack", help="the whole local system: database, Toss sandbox and service, wired together"
+    )
+    st.add_argument("action", choices=["up", "down", "status"])
+    st.set_defaults(func=_stack)
 
     keys = sub.add_parser("keys", help="billing-key encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_action", required=True)

@@ -10,12 +10,14 @@ from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import psycopg
 import pytest
 from dbkit import kst
-from liveserver import LiveServer
+from liveserver import LiveServer, wait_until
 from loopkit import APP_URL, SECRET_KEY, Stack
 
 from service.app import build_app
+from service.runtime.cluster import Runtime
 
 
 def _sub_status(stack: Stack, sub: str) -> str | None:
@@ -321,3 +323,28 @@ def test_no_secret_reaches_the_database_logs_responses_or_metrics(
         assert secret not in dump
         assert secret not in logs
         assert all(secret not in text for text in responses)
+
+
+@pytest.mark.slow
+def test_the_pg_cron_job_itself_rings_the_renewal(stack: Stack, rt: Runtime, dbname: str) -> None:
+    """pg_cron (not a direct call) runs billing.tick() in this database; its doorbell reaches the
+    service through the net worker, and the renewal is charged at Toss."""
+    stack.register("u1")
+    stack.wait(lambda: _paid_periods(stack, "u1") == 1, "the first charge")
+    stack.bl.set_clock(kst(2028, 2, 10, 10, 1))
+    with psycopg.connect(rt.dsn("postgres", "postgres"), autocommit=True) as main:
+        job = main.execute(
+            "select cron.schedule_in_database(%s, '* * * * *', 'select billing.tick()', %s)",
+            (f"tick-{dbname}", dbname),
+        ).fetchone()
+        assert job is not None
+        try:
+            wait_until(lambda: _paid_periods(stack, "u1") == 2, "the cron tick's renewal", 150)
+        finally:
+            main.execute("select cron.unschedule(%s)", (job[0],))
+    renewal = stack.bl.one(
+        "select e.actor_role from billing.events e join billing.charge_attempts ca"
+        " on ca.id = e.entity_id where e.action = 'created' and ca.attempt_number = 1"
+        " order by e.id desc limit 1"
+    )
+    assert renewal["actor_role"] == "postgres"  # created by the job, as the database owner
