@@ -301,9 +301,17 @@ async def metrics(request: Request) -> Response:
     responses:
       200: {description: text exposition format}
     """
-    return Response(
-        generate_latest(_services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    s = _services(request)
+    try:
+        async with s.pool.connection(timeout=5) as conn:
+            depths = await db.run(conn, db.service_queue_depths())
+    except Exception:  # metrics still answer when the database does not
+        _log.warning("queue depths unavailable", exc_info=True)
+    else:
+        for queue, (ready, leased) in depths.items():
+            s.metrics.queue_depth.labels(queue, "ready").set(ready)
+            s.metrics.queue_depth.labels(queue, "leased").set(leased)
+    return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 _schemas = SchemaGenerator(

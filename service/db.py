@@ -770,6 +770,19 @@ def service_record_key_rotated(
     )
 
 
+# ------------------------------------------------------------------------------------ metrics
+
+
+def service_queue_depths() -> Call[dict[str, tuple[int, int]]]:
+    """Per queue: (ready to claim now, under a lease)."""
+    return Call(
+        "service_queue_depths",
+        "select queue, ready, leased from billing.service_queue_depths()",
+        {},
+        lambda rows: {r["queue"]: (int(r["ready"]), int(r["leased"])) for r in rows},
+    )
+
+
 # ---------------------------------------------------------------------------------- operators
 
 

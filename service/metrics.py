@@ -36,5 +36,8 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "saju_queue_depth", "Claimable work per queue at the last drain", ["queue"], registry=r
+            "saju_queue_depth",
+            "Work per queue: ready to claim, or leased",
+            ["queue", "state"],
+            registry=r,
         )

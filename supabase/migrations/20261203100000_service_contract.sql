@@ -1908,6 +1908,47 @@ comment on function billing.ops_reconciliation_report(integer) is
 select cron.schedule('saju-billing-reconcile', '0 18 * * *', 'select billing.schedule_reconciliation()');
 
 -- ---------------------------------------------------------------------------------------------
+-- Queue depths for the service's /metrics: each count walks a partial index
+-- ---------------------------------------------------------------------------------------------
+create function billing.service_queue_depths()
+returns table (queue text, ready bigint, leased bigint)
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select 'charge_attempts',
+         (select pg_catalog.count(*) from billing.charge_attempts where status in ('queued', 'unknown')
+             and not_before <= billing.now()),
+         (select pg_catalog.count(*) from billing.charge_attempts where status = 'claimed')
+  union all
+  select 'refunds',
+         (select pg_catalog.count(*) from billing.refunds where status = 'requested' and not_before <= billing.now()),
+         (select pg_catalog.count(*) from billing.refunds where status = 'claimed')
+  union all
+  select 'webhook_events',
+         (select pg_catalog.count(*) from billing.webhook_events where status = 'received'
+             and not_before <= billing.now()),
+         (select pg_catalog.count(*) from billing.webhook_events where status = 'processing')
+  union all
+  select 'key_deletions',
+         (select pg_catalog.count(*) from billing.key_deletions where status = 'requested'
+             and not_before <= billing.now()),
+         (select pg_catalog.count(*) from billing.key_deletions where status = 'claimed')
+  union all
+  select 'notifications',
+         (select pg_catalog.count(*) from billing.notifications where delivered_at is null
+             and lease_owner is null),
+         (select pg_catalog.count(*) from billing.notifications where delivered_at is null
+             and lease_owner is not null)
+$$;
+revoke execute on function billing.service_queue_depths() from public;
+grant execute on function billing.service_queue_depths() to billing_service;
+comment on function billing.service_queue_depths() is
+  'Service (/metrics): per work queue, the rows ready to claim now and the rows under a lease. '
+  'billing_service only. Raises nothing.';
+
+-- ---------------------------------------------------------------------------------------------
 -- Where the doorbell rings: set up (and changed) by an operator, never by a migration
 -- ---------------------------------------------------------------------------------------------
 create function billing.ops_configure_doorbell(service_url text, doorbell_token text)

@@ -73,3 +73,13 @@ class Stack:
 
     def wait(self, condition: Callable[[], bool], what: str) -> None:
         wait_until(condition, what, timeout=60)
+
+
+@dataclass
+class Receiver:
+    """The product's app, receiving notifications signed per Standard Webhooks."""
+
+    server: LiveServer
+    secret: str
+    received: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from dbkit import kst
 from liveserver import LiveServer, wait_until
-from loopkit import APP_URL, SECRET_KEY, Stack
+from loopkit import APP_URL, SECRET_KEY, Receiver, Stack
 
 from service.app import build_app
 from service.runtime.cluster import Runtime
@@ -193,6 +193,7 @@ def test_the_doorbell_refuses_a_wrong_token_and_bad_webhooks_get_a_clear_4xx(
         assert array.status_code == 400
         big = web.post("/webhooks/toss", content=b"{" + b" " * (300 * 1024) + b"}")
         assert big.status_code == 413
+        assert 'saju_queue_depth{queue="charge_attempts",state="ready"}' in web.get("/metrics").text
         spec = web.get("/openapi.json").json()
         assert {"/internal/doorbell", "/webhooks/toss", "/billing/success"} <= set(spec["paths"])
         assert web.get("/readyz").json()["database"] is True
@@ -348,3 +349,26 @@ def test_the_pg_cron_job_itself_rings_the_renewal(stack: Stack, rt: Runtime, dbn
         " order by e.id desc limit 1"
     )
     assert renewal["actor_role"] == "postgres"  # created by the job, as the database owner
+
+
+def test_notifications_reach_the_app_signed_per_standard_webhooks(
+    notify_stack: Stack, receiver: Receiver
+) -> None:
+    notify_stack.register("u1")
+    notify_stack.wait(lambda: len(receiver.received) >= 1, "the activation notification")
+    notify_stack.wait(
+        lambda: (
+            notify_stack.bl.scalar(
+                "select count(*) from billing.notifications where delivered_at is null"
+            )
+            == 0
+        ),
+        "every notification delivered",
+    )
+    kinds = [n["type"] for n in receiver.received]
+    assert "billing.activated" in kinds
+    assert receiver.refused == []
+    activated = next(n for n in receiver.received if n["type"] == "billing.activated")
+    assert activated["data"]["userId"] == "u1"
+    assert activated["data"]["amount"] == 9900
+    assert len({n["id"] for n in receiver.received}) == len(receiver.received)

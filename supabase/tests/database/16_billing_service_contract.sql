@@ -2,7 +2,7 @@
 -- at Toss, one attempt per period in flight, a processed temporary error spending the key (a new
 -- attempt after a backoff, three a period, then dunning), and the helpers behind fencing.
 begin;
-select plan(79);
+select plan(80);
 
 -- The helpers (tests.as_user, tests.svc, tests.rec, tests.register, tests.serve, ...) come from
 -- 01_helpers.sql.
@@ -325,6 +325,22 @@ select results_eq(format($$ select s.awaiting_card, ca.payment_method_id, ca.not
                              where s.id = %L $$, :'z'::jsonb ->> 'subscriptionId'),
   format($$ values (false, %L::uuid, '2028-02-11 11:14+09'::timestamptz) $$, :'z2'::jsonb ->> 'paymentMethodId'),
   'on the new card, at once');
+
+-- Queue depths for /metrics: whatever the database holds, counted per queue and state.
+select results_eq(
+  $$ select queue, ready + leased from billing.service_queue_depths() order by queue $$,
+  $$ select q, n from (values
+       ('charge_attempts', (select count(*) from billing.charge_attempts
+                             where status = 'claimed' or (status in ('queued', 'unknown') and not_before <= billing.now()))),
+       ('key_deletions', (select count(*) from billing.key_deletions
+                           where status = 'claimed' or (status = 'requested' and not_before <= billing.now()))),
+       ('notifications', (select count(*) from billing.notifications where delivered_at is null)),
+       ('refunds', (select count(*) from billing.refunds
+                     where status = 'claimed' or (status = 'requested' and not_before <= billing.now()))),
+       ('webhook_events', (select count(*) from billing.webhook_events
+                            where status = 'processing' or (status = 'received' and not_before <= billing.now())))
+     ) v(q, n) order by q $$,
+  'service_queue_depths: every queue''s ready and leased rows');
 
 select * from finish();
 rollback;
