@@ -183,6 +183,11 @@ async def card_page(request: Request) -> Response:
     )
 
 
+def issue_idempotency_key(customer_key: str, auth_key: str) -> str:
+    """The authKey is single-use: a retried redirect must reuse the key of the first issue."""
+    return hashlib.sha256(f"issue:{customer_key}:{auth_key}".encode()).hexdigest()
+
+
 async def registration_success(request: Request) -> Response:
     """
     summary: The SDK's success redirect; issues the billing key and records it.
@@ -200,11 +205,9 @@ async def registration_success(request: Request) -> Response:
     auth_key = request.query_params.get("authKey", "")
     if not (_CUSTOMER_KEY.fullmatch(customer_key) and _AUTH_KEY.fullmatch(auth_key)):
         return _page("error.html", 400, title="Invalid request", detail="INVALID_REQUEST")
-    # The authKey is single-use: a retried redirect must reuse the key of the first issue.
-    idempotency_key = hashlib.sha256(f"issue:{customer_key}:{auth_key}".encode()).hexdigest()
     try:
         billing = await s.toss.issue_billing_key(
-            auth_key, customer_key, idempotency_key=idempotency_key
+            auth_key, customer_key, idempotency_key=issue_idempotency_key(customer_key, auth_key)
         )
     except TossException as exc:
         _log.warning("billing-key issue failed: %s", exc)
