@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
-from typing import Self
 
 import httpx
-import uvicorn
-from starlette.types import ASGIApp
+import liveserver
 
 from service.sandbox.context import Sandbox
 from service.toss import KST
@@ -36,39 +32,8 @@ def basic(secret_key: str) -> dict[str, str]:
     return {"Authorization": f"Basic {token}"}
 
 
-class LiveServer:
-    """Runs an ASGI app with uvicorn on a free port in a background thread."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        # Port 0: the OS picks a free port; the real one is read once the server listens.
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="on"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self.port = 0
-        self.url = ""
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.should_exit = True
-        self._thread.join(20)
+class LiveServer(liveserver.LiveServer):
+    """The shared live server, with a handle on the sandbox it serves."""
 
     @property
     def sandbox(self) -> Sandbox:
@@ -103,11 +68,7 @@ class WebhookSink:
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     """Poll for a state the server reaches asynchronously (fails loudly, never on speed)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    liveserver.wait_until(condition, what, timeout)
 
 
 def mint_auth_key(control: httpx.Client, customer_key: str, card: str = GOOD_CARD) -> str:
