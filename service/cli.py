@@ -10,14 +10,17 @@ from collections.abc import Sequence
 
 def _db(args: argparse.Namespace) -> int:
     from service.runtime import supervisor
+    from service.runtime.api import DataApi
     from service.runtime.cluster import Runtime
 
     rt = Runtime.from_env()
+    api = DataApi.from_env(rt)
     action: str = args.action
     if action == "start":
         rt.start()
         supervisor.ensure_networker(rt)
         print(f"local database up: {rt.dsn()}")
+        print(f"API URL: {api.url}  (keys: saju-billing db status)")
     elif action == "stop":
         supervisor.stop_networker(rt)
         rt.stop()
@@ -25,6 +28,9 @@ def _db(args: argparse.Namespace) -> int:
     elif action == "status":
         state = rt.status()
         state["net_worker"] = supervisor.networker_pid(rt)
+        state["processes"] = supervisor.owned_processes(rt)
+        state["orphans"] = supervisor.orphans(rt)
+        state.update(api.status())
         print(json.dumps(state, indent=2))
         return 0 if state["running"] else 3
     elif action == "reset":
@@ -56,6 +62,20 @@ def _demo(args: argparse.Namespace) -> int:
     print("  psql     : .venv/bin/saju-billing db psql")
     print("  status   : .venv/bin/saju-billing db status")
     print("  stop     : .venv/bin/saju-billing db stop")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from service.runtime.api import DataApi
+    from service.runtime.cluster import Runtime
+    from service.runtime.signin import sign_in
+
+    try:
+        signed = sign_in(DataApi.from_env(Runtime.from_env()), args.user)
+    except ValueError as exc:
+        print(f"saju-billing: {exc}", file=sys.stderr)
+        return 2
+    print(signed.access_token)
     return 0
 
 
@@ -93,9 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="bring the local runtime up, migrate it, show the way in")
     demo.set_defaults(func=_demo)
 
+    tk = sub.add_parser(
+        "token", help="local sign-in stand-in: print a Supabase Auth-shaped user access token"
+    )
+    tk.add_argument("--user", required=True, help="the user's uuid or email (created if new)")
+    tk.set_defaults(func=_token)
+
     nw = sub.add_parser("net-worker", help="run the pg_net-compatible worker in the foreground")
+    sv = sub.add_parser("supervise", help="run the runtime's services under a supervisor")
+    for p in (nw, sv):
+        # Marks the process as this runtime's, so status/start/stop find it even as an orphan.
+        p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     nw.set_defaults(func=_networker)
-    sv = sub.add_parser("supervise", help="run the net worker under a restarting supervisor")
     sv.set_defaults(func=_supervise)
 
     sb = sub.add_parser("sandbox", help="run the local Toss Payments sandbox")

@@ -6,13 +6,19 @@ pg_net, so ``supabase/local/30_net.sql`` provides its SQL API and this process d
 job for every database of the local cluster that has the ``net`` schema (pg_net serves a single
 database; tests here use one database each).
 
-Per database it keeps one connection as ``supabase_admin`` named like pg_net's worker
-(``pg_net 0.20.4``), listening for ``net.wake()`` (a NOTIFY, so only committed requests wake it)
-and ``net.worker_restart()``. On connecting and on every wake it loops as pg_net's worker does:
-delete expired responses, take up to ``pg_net.batch_size`` queued requests in id order, send them
-concurrently, record one response row each, commit, pause up to a second, and go again while
-there was work. Databases are rediscovered every second; connections to databases that are
-dropped, or that become templates, simply end.
+Per database it keeps one connection as ``postgres`` (the role Supabase runs pg_net's worker as,
+not a superuser) named like pg_net's worker (``pg_net 0.20.4``), listening for ``net.wake()`` (a
+NOTIFY, so only committed requests wake it) and ``net.worker_restart()``. On connecting and on
+every wake it loops as pg_net's worker does: delete expired responses, take up to
+``pg_net.batch_size`` queued requests in id order, send them concurrently, record one response
+row each, pause, and go again while there was work.
+
+Failure mode, as on Supabase: a batch leaves the queue in its own short transaction *before* any
+request is sent, and the responses are written in another one after. No transaction is open while
+HTTP calls are in flight, so a worker killed mid-batch loses that batch (never sends it twice),
+just as a crashed pg_net worker loses its unlogged tables. Databases are rediscovered every
+second; connections to databases that are dropped, or that become templates, simply end. The
+worker exits when its supervisor dies, so it never runs on as an orphan.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import signal
 import socket
 import ssl
@@ -35,7 +42,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from service.runtime.cluster import ADMIN_USER, BASE_DB, MAIN_DB, Runtime
+from service.runtime.cluster import BASE_DB, MAIN_DB, Runtime
 
 PG_NET_VERSION = "0.20.4"
 # pg_net's worker reports this application_name; net.check_worker_is_up() looks for it.
@@ -45,9 +52,11 @@ USER_AGENT = f"pg_net/{PG_NET_VERSION}"
 WAKE_CHANNEL = "pg_net_wake"
 RESTART_CHANNEL = "pg_net_worker_restart"
 
+# Supabase runs pg_net's worker as postgres (pg_net.username), not as the bootstrap superuser.
+WORKER_ROLE = "postgres"
 DISCOVERY_INTERVAL = 1.0
 NO_NET_RECHECK = 5.0
-BATCH_PAUSE = 1.0  # pg_net's pause between batches
+BATCH_PAUSE = 1.0  # pg_net's pause between batches, counted here from the batch's start
 DEFAULT_TTL = "6 hours"
 DEFAULT_BATCH_SIZE = 200
 MAX_BATCH_SIZE = 32767
@@ -82,6 +91,10 @@ _EXPIRE_RESPONSES = """
     delete from net._http_response r using rows where r.ctid = rows.ctid
 """
 
+# A TRUNCATE (or any stronger lock) on the queue makes the worker skip this round instead of
+# waiting in a query, so it keeps answering net.worker_restart() and wakes meanwhile.
+_LOCK_QUEUE = "lock table net.http_request_queue in row exclusive mode nowait"
+
 # As pg_net's, plus SKIP LOCKED so that a second worker on the same cluster cannot double-send.
 _CONSUME_QUEUE = """
     with rows as (
@@ -106,8 +119,6 @@ _INSERT_RESPONSE = """
       (%(id)s, %(status_code)s, %(content)s, %(headers)s, %(content_type)s, %(timed_out)s,
        %(error_msg)s)
 """
-
-_RELOAD_CONF = "select pg_catalog.pg_reload_conf()"
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -184,7 +195,8 @@ def new_client() -> httpx.AsyncClient:
         timeout=None,  # noqa: S113
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+        # A whole batch (pg_net.batch_size, 200 by default) in flight at once, connections kept.
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         # libcurl keeps no cookies between requests unless asked to.
         cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         # Local targets only; a proxy from the environment would only get in the way.
@@ -404,7 +416,7 @@ class DatabaseWorker:
     async def _session(self) -> None:
         """One connection: returns if the database has no ``net`` schema."""
         conn = await psycopg.AsyncConnection.connect(
-            self.rt.dsn(self.dbname, ADMIN_USER),
+            self.rt.dsn(self.dbname, WORKER_ROLE),
             autocommit=True,
             application_name=APPLICATION_NAME,
             connect_timeout=10,
@@ -416,26 +428,25 @@ class DatabaseWorker:
             await conn.execute(f"listen {WAKE_CHANNEL}")
             await conn.execute(f"listen {RESTART_CHANNEL}")
             self.served = True
-            try:
-                # pg_net's worker starts awake: work queued while nobody listened is sent now.
-                while True:
-                    await self._drain(conn)
-                    await _wait_for_notifications(conn, wait_seconds=None)
-            except RestartRequested:
-                # net.worker_restart() also reloads the configuration, as pg_net's does.
-                await conn.execute(_RELOAD_CONF)
-                raise
+            # pg_net's worker starts awake: work queued while nobody listened is sent now.
+            # (net.worker_restart() reloads the configuration itself, as pg_net's does.)
+            while True:
+                await self._drain(conn)
+                await _wait_for_notifications(conn, wait_seconds=None)
 
     async def _drain(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
+            started = time.monotonic()
             cur = await conn.execute(_SETTINGS)
             settings = _settings(await cur.fetchone())
             expired = await self._expire(conn, settings)
             consumed = await self._batch(conn, settings)
             if expired == 0 and consumed == 0:
                 return
-            # pg_net pauses between batches; a wake or a restart ends the pause early.
-            await _wait_for_notifications(conn, wait_seconds=BATCH_PAUSE)
+            # pg_net pauses between batches; a wake or a restart ends the pause early. Counting
+            # the pause from the batch's start keeps a backlog moving at batch_size per second.
+            pause = max(0.0, BATCH_PAUSE - (time.monotonic() - started))
+            await _wait_for_notifications(conn, wait_seconds=pause)
 
     async def _expire(self, conn: psycopg.AsyncConnection[Any], settings: Settings) -> int:
         cur = await conn.execute(
@@ -443,17 +454,29 @@ class DatabaseWorker:
         )
         return max(cur.rowcount, 0)
 
+    async def _take(
+        self, conn: psycopg.AsyncConnection[Any], settings: Settings
+    ) -> list[QueuedRequest] | None:
+        """Take a batch off the queue and commit; None when the queue is locked (skip a round)."""
+        try:
+            async with conn.transaction():
+                await conn.execute(_LOCK_QUEUE)
+                async with conn.cursor(row_factory=class_row(QueuedRequest)) as cur:
+                    await cur.execute(_CONSUME_QUEUE, {"batch_size": settings.batch_size})
+                    return await cur.fetchall()
+        except psycopg.errors.LockNotAvailable:
+            return None
+
     async def _batch(self, conn: psycopg.AsyncConnection[Any], settings: Settings) -> int:
-        """One pg_net iteration: take, send and record in one transaction."""
-        async with conn.transaction():
-            async with conn.cursor(row_factory=class_row(QueuedRequest)) as cur:
-                await cur.execute(_CONSUME_QUEUE, {"batch_size": settings.batch_size})
-                requests = await cur.fetchall()
-            if not requests:
-                return 0
-            outcomes = await asyncio.gather(*(deliver(self.client, r) for r in requests))
-            async with conn.cursor() as cur:
-                await cur.executemany(_INSERT_RESPONSE, [o.params() for o in outcomes])
+        """One pg_net iteration: take (committed), send with no transaction open, record."""
+        requests = await self._take(conn, settings)
+        if requests is None:
+            return 1  # stay awake and try again after the pause
+        if not requests:
+            return 0
+        outcomes = await asyncio.gather(*(deliver(self.client, r) for r in requests))
+        async with conn.transaction(), conn.cursor() as cur:
+            await cur.executemany(_INSERT_RESPONSE, [o.params() for o in outcomes])
         return len(requests)
 
 
@@ -476,7 +499,7 @@ class Launcher:
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = await psycopg.AsyncConnection.connect(
-                    self.rt.dsn(MAIN_DB, ADMIN_USER),
+                    self.rt.dsn(MAIN_DB, WORKER_ROLE),
                     autocommit=True,
                     application_name=LAUNCHER_NAME,
                     connect_timeout=10,
@@ -530,7 +553,7 @@ class Launcher:
     async def close(self) -> None:
         for task in self.tasks.values():
             task.cancel()
-        # Cancelled batches roll back: their requests stay queued for the next start.
+        # A batch in flight when the worker stops is lost, as on a pg_net crash.
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
         if self.conn is not None:
@@ -538,11 +561,15 @@ class Launcher:
 
 
 async def serve(rt: Runtime, stop: asyncio.Event) -> None:
-    """Serve the cluster until ``stop`` is set."""
+    """Serve the cluster until ``stop`` is set or the process that started this one is gone."""
+    parent = os.getppid()
     async with new_client() as client:
         launcher = Launcher(rt, client)
         try:
             while not stop.is_set():
+                if os.getppid() != parent:
+                    _log("supervisor gone; stopping")
+                    return
                 await launcher.step()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), DISCOVERY_INTERVAL)

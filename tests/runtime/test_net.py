@@ -240,15 +240,17 @@ def test_functions_have_pg_nets_signatures_and_properties(base_conn: Conn) -> No
     ).fetchall()
     assert {r[0]: (r[1], r[2]) for r in rows} == EXPECTED_FUNCTIONS
     # volatility, strict, parallel, security definer, set-returning, SET clauses, ACL, owner.
-    # No ACL is the default: EXECUTE for PUBLIC, as the extension leaves it.
+    # No ACL is the default: EXECUTE for PUBLIC, as the extension leaves it. worker_restart() is
+    # the one SECURITY DEFINER function: pg_net's C code reloads the configuration without
+    # checking the caller's privileges (see 30_net.sql).
     assert {r[0]: tuple(r[3:]) for r in rows} == {
         name: (
             "i" if name in IMMUTABLE else "v",
             False,
             "u",
+            name == "worker_restart",
             False,
-            False,
-            None,
+            ['search_path=""'] if name == "worker_restart" else None,
             None,
             "supabase_admin",
         )
@@ -808,15 +810,17 @@ def test_check_worker_is_up_follows_the_worker(
 
 
 def _children(pid: int) -> list[int]:
+    """The supervisor's net worker child (it also runs PostgREST and the gateway)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"net-worker" in cmdline:
             found.append(int(entry.name))
     return found
 
