@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from service.runtime.api import ApiNotInstalledError, DataApi
-from service.runtime.cluster import Runtime
+from service.runtime.cluster import LocalRuntimeError, Runtime
 
 RUN_DIR_FLAG = "--run-dir"
 
@@ -116,18 +116,25 @@ def ensure_networker(rt: Runtime) -> int:
     _end(owned_processes(rt))
     rt.run_dir.mkdir(parents=True, exist_ok=True)
     rt.log_dir.mkdir(parents=True, exist_ok=True)
-    log = (rt.log_dir / "net-worker.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "supervise", RUN_DIR_FLAG, str(rt.run_dir)],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=str(rt.root),
-        env={**os.environ, "SAJU_PROJECT_ROOT": str(rt.root)},
-    )
-    _pidfile(rt).write_text(f"{proc.pid}\n")
-    return proc.pid
+    _pidfile(rt).unlink(missing_ok=True)
+    # setsid -f detaches the supervisor (new session, not our child); it writes its own pidfile.
+    with (rt.log_dir / "net-worker.log").open("ab") as log:
+        subprocess.run(
+            ["setsid", "-f", sys.executable, "-m", "service.cli", "supervise",
+             RUN_DIR_FLAG, str(rt.run_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(rt.root),
+            env={**os.environ, "SAJU_PROJECT_ROOT": str(rt.root)},
+            check=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while (pid := networker_pid(rt)) is None:
+        if time.monotonic() > deadline:
+            raise LocalRuntimeError(f"the supervisor did not start; see {rt.log_dir}")
+        time.sleep(0.05)
+    return pid
 
 
 def stop_networker(rt: Runtime, timeout: float = 10.0) -> None:
@@ -168,6 +175,7 @@ def _services(rt: Runtime) -> list[_Child]:
 def supervise(rt: Runtime) -> None:
     """Run every service, restarting each with a short backoff, until SIGTERM."""
     stopping = False
+    _pidfile(rt).write_text(f"{os.getpid()}\n")
     children = _services(rt)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
