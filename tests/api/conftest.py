@@ -18,13 +18,14 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from supabase import Client, create_client
+from psycopg import sql
 from supabase.lib.client_options import SyncClientOptions
 
 from service.runtime import testdb
 from service.runtime.api import DataApi
 from service.runtime.cluster import Runtime
 from service.runtime.signin import SignedIn, sign_in
+from supabase import Client, create_client
 
 # The billing test kit (service calls, Toss's approval JSON) lives beside the database tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "db"))
@@ -111,15 +112,15 @@ def user(data_api: DataApi) -> SignedIn:
 def snapshot(rt: Runtime, dbname: str) -> dict[str, Any]:
     """Row counts of every billing table and auth.users, and the last audit event."""
     with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
-        tables = [
-            str(r[0])
-            for r in conn.execute(
-                "select format('%I.%I', schemaname, tablename) from pg_tables"
-                " where schemaname in ('billing', 'auth') order by 1"
-            ).fetchall()
-        ]
+        tables = conn.execute(
+            "select schemaname, tablename from pg_tables"
+            " where schemaname in ('billing', 'auth') order by 1, 2"
+        ).fetchall()
         counts: dict[str, Any] = {
-            t: conn.execute(f"select count(*) from {t}").fetchone() for t in tables
+            f"{schema}.{table}": conn.execute(
+                sql.SQL("select count(*) from {}").format(sql.Identifier(schema, table))
+            ).fetchone()
+            for schema, table in tables
         }
         counts["last event"] = conn.execute(
             "select max(id), count(*) from billing.events"

@@ -968,7 +968,8 @@ def test_idle_in_transaction_timeout_does_not_make_the_worker_resend(
     [before] = worker_backends(net_conn)
     net_conn.execute("select net.worker_restart()")
     eventually(
-        lambda: (pids := worker_backends(net_conn)) and before not in pids, "the worker to reconnect"
+        lambda: (pids := worker_backends(net_conn)) and before not in pids,
+        "the worker to reconnect",
     )
     group = uuid.uuid4().hex[:10]
     with net_conn.transaction():
