@@ -115,17 +115,64 @@ def test_the_subscriber_path_through_the_supabase_client(data_api: DataApi, user
         assert resumed["nextChargeAt"] == sub["nextChargeAt"]
 
 
-def test_errors_reach_the_client_with_their_sb_code_and_change_nothing(
-    data_api: DataApi, user: SignedIn
+def refused_with(c: Any, statuses: Statuses, fn: str, params: dict[str, Any] | None = None) -> Any:
+    """(SBxxx code, HTTP status) of a refused call."""
+    return refused(c, fn, params), statuses.last
+
+
+def test_errors_arrive_with_their_http_status_and_sb_code_and_change_nothing(
+    data_api: DataApi, user: SignedIn, subscriber_a: SignedIn
 ) -> None:
-    with client(data_api, user.access_token) as c:
+    statuses = Statuses()
+    no_sub = data_api.sign(
+        {"role": "authenticated", "aud": "authenticated", "exp": int(time.time()) + 600}
+    )
+    with (
+        client(data_api, user.access_token, statuses) as c,
+        client(data_api, subscriber_a.access_token, statuses) as a,
+        client(data_api, no_sub, statuses) as anonymous_user,
+    ):
         before = snapshot(data_api.rt, data_api.dbname)
-        assert refused(c, "cancel_subscription") == "SB404"
-        assert refused(c, "resume_subscription") == "SB404"
-        assert refused(c, "consume_credit", {"reason": ""}) == "SB400"
-        assert refused(c, "consume_credit", {"reason": "no credits"}) == "SB422"
-        assert refused(c, "begin_registration", {"plan": "gold"}) == "SB404"
+        assert refused_with(c, statuses, "cancel_subscription") == ("SB404", 404)
+        assert refused_with(c, statuses, "resume_subscription") == ("SB404", 404)
+        assert refused_with(c, statuses, "consume_credit", {"reason": ""}) == ("SB400", 400)
+        assert refused_with(c, statuses, "consume_credit", {"reason": "none"}) == ("SB422", 422)
+        assert refused_with(c, statuses, "begin_registration", {"plan": "gold"}) == ("SB404", 404)
+        # A live subscription that is not scheduled to cancel cannot be resumed.
+        assert refused_with(a, statuses, "resume_subscription") == ("SB409", 409)
+        assert refused_with(anonymous_user, statuses, "my_subscription") == ("SB401", 401)
         assert snapshot(data_api.rt, data_api.dbname) == before
+
+
+def test_sql_callers_still_get_the_sb_sqlstates(rt: Runtime, api_dbname: str) -> None:
+    """The translation happens only inside a Data API request."""
+    with psycopg.connect(rt.dsn(api_dbname, "postgres")) as conn:
+        conn.execute("set local role authenticated")
+        conn.execute(
+            "select set_config('request.jwt.claims', %s, true)",
+            (f'{{"sub": "{uuid.uuid4()}", "role": "authenticated"}}',),
+        )
+        with pytest.raises(psycopg.Error) as exc:
+            conn.execute("select api.cancel_subscription()")
+        assert exc.value.sqlstate == "SB404"
+
+
+def test_every_api_function_is_a_thin_wrapper_of_its_body_in_api_impl(
+    rt: Runtime, api_dbname: str
+) -> None:
+    with psycopg.connect(rt.dsn(api_dbname, "postgres")) as conn:
+        rows = conn.execute(
+            "select p.proname, pg_get_function_identity_arguments(p.oid), p.prosrc,"
+            " (select count(*) from pg_proc i where i.pronamespace = 'api_impl'::regnamespace"
+            "   and i.proname = p.proname and pg_get_function_identity_arguments(i.oid)"
+            "     = pg_get_function_identity_arguments(p.oid))"
+            " from pg_proc p where p.pronamespace = 'api'::regnamespace order by 1"
+        ).fetchall()
+    assert [r[0] for r in rows] == sorted(fn for fn, _ in CALLS)
+    for name, _args, source, bodies in rows:
+        assert f"api_impl.{name}(" in source, name
+        assert "api_impl.raise_http_error" in source, name
+        assert bodies == 1, name
 
 
 # --- the privilege matrix --------------------------------------------------------------------
