@@ -79,6 +79,21 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from service.runtime import bench, supervisor
+    from service.runtime.cluster import Runtime
+
+    rt = Runtime.from_env()
+    rt.start()
+    supervisor.ensure_networker(rt)
+    result = bench.run_net(rt, requests=args.requests, delay_ms=args.delay_ms)
+    path = bench.write_result(rt, "net", result)
+    print(
+        f"{result.requests_per_second} requests/s ({result.requests} in {result.seconds} s); {path}"
+    )
+    return 0
+
+
 def _networker(args: argparse.Namespace) -> int:
     from service.runtime import networker
 
@@ -118,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tk.add_argument("--user", required=True, help="the user's uuid or email (created if new)")
     tk.set_defaults(func=_token)
+
+    bn = sub.add_parser("bench", help="benchmarks; results go to bench-results/")
+    bn.add_argument("what", choices=["net"], help="net: the local pg_net worker's throughput")
+    bn.add_argument("--requests", type=int, default=2000)
+    bn.add_argument("--delay-ms", type=int, default=50, help="the endpoint's answer delay")
+    bn.set_defaults(func=_bench)
 
     nw = sub.add_parser("net-worker", help="run the pg_net-compatible worker in the foreground")
     sv = sub.add_parser("supervise", help="run the runtime's services under a supervisor")
