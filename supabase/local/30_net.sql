@@ -21,9 +21,9 @@
 -- * pg_stat_activity: pg_net's background worker shows 'active'; the local worker is a client
 --   session, 'active' while it runs a statement and 'idle' between them (waiting for a wake or
 --   for HTTP replies), never 'idle in transaction'.
--- * Response header lines are parsed by the worker's HTTP library, which refuses a header name
---   with spaces, trailing whitespace or a non-ASCII byte: such a response is an error row where
---   libcurl accepts it and pg_net records SUCCESS. Nothing the product talks to sends such names.
+-- * The worker sends with libcurl, as pg_net does, but with the libcurl that ships in the
+--   worker's Python package (curl 8): error texts are that version's curl_easy_strerror() (e.g.
+--   "Could not connect to server" where curl 7 says "Couldn't").
 
 create schema if not exists net;
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
+import pycurl  # type: ignore[import-untyped]
 import pytest
 import uvicorn
 from psycopg import sql
@@ -703,17 +704,16 @@ def test_connection_refused_gives_an_error_row(net_conn: Conn) -> None:
         port = s.getsockname()[1]
     request_id = scalar(net_conn, "select net.http_get(%s)", (f"http://127.0.0.1:{port}/",))
     row = wait_response(net_conn, request_id)
-    assert (row["status_code"], row["timed_out"], row["error_msg"]) == (
-        None,
-        False,
-        "Couldn't connect to server",
-    )
+    # pg_net records libcurl's curl_easy_strerror() text; curl 8 spells out "Could not".
+    message = pycurl.easy_strerror(pycurl.E_COULDNT_CONNECT)
+    assert message in ("Couldn't connect to server", "Could not connect to server")
+    assert (row["status_code"], row["timed_out"], row["error_msg"]) == (None, False, message)
     result = net_conn.execute(
         "select (r).status::text, (r).message, (r).response is null"
         " from net._http_collect_response(%s) r",
         (request_id,),
     ).fetchone()
-    assert result == ("ERROR", "Couldn't connect to server", True)
+    assert result == ("ERROR", message, True)
 
 
 def test_collect_response_shapes(net_conn: Conn, endpoint: Endpoint) -> None:
@@ -1025,3 +1025,56 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# --- response headers libcurl accepts (pg_net's malformed-header tests) -----------------------
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[bytes], str]]:
+    """A one-shot HTTP server answering with the raw bytes given; returns its URL."""
+    servers: list[socket.socket] = []
+
+    def serve(reply: bytes) -> str:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        servers.append(listener)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/"
+
+    yield serve
+    for listener in servers:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        (b"Spaces In Header Name: yes", "Spaces In Header Name"),
+        (b"Trailing-Space : yes", "Trailing-Space "),
+        (b"Caf\xc3\xa9: yes", "Caf\u00e9"),
+        (b"Latin-\xe9: yes", "Latin-\ufffd"),
+        (b"MissingValue: ", "MissingValue"),
+    ],
+    ids=["spaces", "trailing-whitespace", "utf8", "non-utf8", "missing-value"],
+)
+def test_odd_response_header_names_are_recorded_like_pg_net(
+    net_conn: Conn, raw_server: Callable[[bytes], str], line: bytes, name: str
+) -> None:
+    reply = b"HTTP/1.1 200 OK\r\n" + line + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    request_id = scalar(net_conn, "select net.http_get(%s)", (raw_server(reply),))
+    row = wait_response(net_conn, request_id)
+    assert (row["status_code"], row["error_msg"], row["content"]) == (200, None, "ok")
+    assert name in row["headers"]
+    status = net_conn.execute(
+        "select (r).status::text from net._http_collect_response(%s) r", (request_id,)
+    ).fetchone()
+    assert status == ("SUCCESS",)
