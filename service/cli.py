@@ -51,14 +51,23 @@ def _db(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from service.runtime import migrations, supervisor
+    from service.runtime.api import DataApi
     from service.runtime.cluster import Runtime
+    from service.runtime.signin import call_api, sign_in
 
     rt = Runtime.from_env()
     rt.start()
     supervisor.ensure_networker(rt)
     migrations.upgrade(rt.dsn())
+    api = DataApi.from_env(rt)
+    # A simulated subscriber, through the supabase client and the Data API as an app would.
+    subscriber = sign_in(api, "demo-subscriber@example.com")
+    credits = call_api(api, subscriber.access_token, "my_credits")
     print("saju-billing local runtime is up and migrated.")
     print(f"  database : {rt.dsn()}")
+    print(f"  data API : {api.url}  (anon and service_role keys: saju-billing db status)")
+    print(f"  sign in  : saju-billing token --user {subscriber.email}")
+    print(f"  {subscriber.email}: api.my_credits() -> balance {credits['balance']}")
     print("  psql     : .venv/bin/saju-billing db psql")
     print("  status   : .venv/bin/saju-billing db status")
     print("  stop     : .venv/bin/saju-billing db stop")
