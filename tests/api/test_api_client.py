@@ -21,7 +21,7 @@ from postgrest.exceptions import APIError
 
 from service.runtime.api import DataApi
 from service.runtime.cluster import Runtime
-from service.runtime.signin import SignedIn, sign_in
+from service.runtime.signin import SignedIn, call_api, sign_in
 
 SCHEMAS = ["api", "billing", "analytics", "auth", "net", "vault", "cron", "public", "extensions"]
 REFUSED_SCHEMA = {"code": "PGRST106", "status": 406}
@@ -328,3 +328,10 @@ def test_tokens_are_verified_with_the_local_secret(rt: Runtime, data_api: DataAp
     assert row == (who.email, "authenticated", "authenticated")
     # Signing in again by email finds the same user.
     assert sign_in(data_api, who.email or "").user_id == who.user_id
+
+
+def test_call_api_is_the_same_path_for_the_demo(data_api: DataApi, subscriber_a: SignedIn) -> None:
+    assert call_api(data_api, subscriber_a.access_token, "my_credits")["balance"] == 10
+    with pytest.raises(APIError) as exc:
+        call_api(data_api, subscriber_a.access_token, "consume_credit", {"reason": ""})
+    assert exc.value.code == "SB400"
