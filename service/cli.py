@@ -79,8 +79,10 @@ def _token(args: argparse.Namespace) -> int:
     from service.runtime.cluster import Runtime
     from service.runtime.signin import sign_in
 
+    rt = Runtime.from_env()
+    rt.start()  # the user row goes into the local database
     try:
-        signed = sign_in(DataApi.from_env(Runtime.from_env()), args.user)
+        signed = sign_in(DataApi.from_env(rt), args.user)
     except ValueError as exc:
         print(f"saju-billing: {exc}", file=sys.stderr)
         return 2

@@ -209,7 +209,16 @@ http {{
         """The processes to supervise, by name."""
         return {
             "postgrest": [str(self.postgrest_bin), str(self.postgrest_conf)],
-            "gateway": [str(NGINX), "-p", str(self.state_dir), "-c", str(self.nginx_conf)],
+            # -e: nginx's own early messages go to the runtime's log, not /var/log/nginx.
+            "gateway": [
+                str(NGINX),
+                "-p",
+                str(self.state_dir),
+                "-e",
+                str(self.rt.log_dir / "gateway.log"),
+                "-c",
+                str(self.nginx_conf),
+            ],
         }
 
     def status(self) -> dict[str, object]:
