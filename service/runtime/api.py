@@ -8,8 +8,9 @@ Kong's part: it serves ``/rest/v1/`` and, like Kong's key-auth, refuses a reques
 known ``apikey`` header. ``anon`` and ``service_role`` keys are HS256 JWTs signed with the local
 secret, shaped like the Supabase CLI's local keys.
 
-Ports: ``SAJU_API_PORT`` (the gateway, Supabase's local 54321) and ``SAJU_REST_PORT`` (PostgREST
-itself, on loopback; the gateway's port + 8 unless set).
+Ports: ``SAJU_API_PORT`` (the gateway; ``[api] port`` of config.toml, Supabase's local 54321,
+unless set) and ``SAJU_REST_PORT`` (PostgREST itself, on loopback; the gateway's port + 8 unless
+set).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class ApiNotInstalledError(Exception):
 class ApiSettings:
     """The ``[api]`` section of supabase/config.toml that PostgREST needs."""
 
+    port: int
     schemas: tuple[str, ...]
     extra_search_path: tuple[str, ...]
     max_rows: int
@@ -54,6 +56,7 @@ class ApiSettings:
         config = tomllib.loads((root / "supabase" / "config.toml").read_text())
         section: Mapping[str, Any] = config.get("api", {})
         return cls(
+            port=int(section.get("port", DEFAULT_API_PORT)),
             schemas=tuple(section.get("schemas", ["public", "graphql_public"])),
             extra_search_path=tuple(section.get("extra_search_path", ["public", "extensions"])),
             max_rows=int(section.get("max_rows", 1000)),
@@ -72,7 +75,8 @@ class DataApi:
 
     @classmethod
     def from_env(cls, rt: Runtime) -> DataApi:
-        api_port = int(os.environ.get("SAJU_API_PORT", str(DEFAULT_API_PORT)))
+        default_port = ApiSettings.load(rt.root).port
+        api_port = int(os.environ.get("SAJU_API_PORT", str(default_port)))
         rest_port = int(os.environ.get("SAJU_REST_PORT", str(api_port + REST_PORT_OFFSET)))
         return cls(rt, MAIN_DB, api_port, rest_port, rt.run_dir / "api")
 
