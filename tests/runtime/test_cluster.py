@@ -84,7 +84,14 @@ def scratch_runtime(
 ) -> Iterator[tuple[Runtime, dict[str, str]]]:
     """A second, throw-away runtime in its own directory and port, built from nothing."""
     base = Path("/var/tmp") / f"saju-scratch-{os.getpid()}"
-    env = {**os.environ, "SAJU_RUNTIME_DIR": str(base), "SAJU_DB_PORT": "54399"}
+    env = {
+        **os.environ,
+        "SAJU_RUNTIME_DIR": str(base),
+        "SAJU_DB_PORT": "54399",
+        # Its own Data API ports too, beside the session's runtime.
+        "SAJU_API_PORT": "54397",
+        "SAJU_REST_PORT": "54398",
+    }
     runtime = Runtime(root=Runtime.from_env().root, base_dir=base, port=54399)
     yield runtime, env
     _cli(env, "db", "stop")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
+import pycurl  # type: ignore[import-untyped]
 import pytest
 import uvicorn
 from psycopg import sql
@@ -240,15 +241,17 @@ def test_functions_have_pg_nets_signatures_and_properties(base_conn: Conn) -> No
     ).fetchall()
     assert {r[0]: (r[1], r[2]) for r in rows} == EXPECTED_FUNCTIONS
     # volatility, strict, parallel, security definer, set-returning, SET clauses, ACL, owner.
-    # No ACL is the default: EXECUTE for PUBLIC, as the extension leaves it.
+    # No ACL is the default: EXECUTE for PUBLIC, as the extension leaves it. worker_restart() is
+    # the one SECURITY DEFINER function: pg_net's C code reloads the configuration without
+    # checking the caller's privileges (see 30_net.sql).
     assert {r[0]: tuple(r[3:]) for r in rows} == {
         name: (
             "i" if name in IMMUTABLE else "v",
             False,
             "u",
+            name == "worker_restart",
             False,
-            False,
-            None,
+            ['search_path=""'] if name == "worker_restart" else None,
             None,
             "supabase_admin",
         )
@@ -701,17 +704,16 @@ def test_connection_refused_gives_an_error_row(net_conn: Conn) -> None:
         port = s.getsockname()[1]
     request_id = scalar(net_conn, "select net.http_get(%s)", (f"http://127.0.0.1:{port}/",))
     row = wait_response(net_conn, request_id)
-    assert (row["status_code"], row["timed_out"], row["error_msg"]) == (
-        None,
-        False,
-        "Couldn't connect to server",
-    )
+    # pg_net records libcurl's curl_easy_strerror() text; curl 8 spells out "Could not".
+    message = pycurl.easy_strerror(pycurl.E_COULDNT_CONNECT)
+    assert message in ("Couldn't connect to server", "Could not connect to server")
+    assert (row["status_code"], row["timed_out"], row["error_msg"]) == (None, False, message)
     result = net_conn.execute(
         "select (r).status::text, (r).message, (r).response is null"
         " from net._http_collect_response(%s) r",
         (request_id,),
     ).fetchone()
-    assert result == ("ERROR", "Couldn't connect to server", True)
+    assert result == ("ERROR", message, True)
 
 
 def test_collect_response_shapes(net_conn: Conn, endpoint: Endpoint) -> None:
@@ -808,15 +810,17 @@ def test_check_worker_is_up_follows_the_worker(
 
 
 def _children(pid: int) -> list[int]:
+    """The supervisor's net worker child (it also runs PostgREST and the gateway)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"net-worker" in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -867,3 +871,226 @@ def test_pg_cron_job_calls_net_http_post(rt: Runtime, endpoint: Endpoint) -> Non
             )
         finally:
             conn.execute("select cron.unschedule(%s)", (job_id,))
+
+
+# --- how the worker fails: as pg_net, a crash loses the batch in flight -------------------------
+
+
+def _worker_child(rt: Runtime) -> int:
+    supervisor_pid = supervisor.networker_pid(rt)
+    assert supervisor_pid is not None
+    [worker_pid] = _children(supervisor_pid)
+    return worker_pid
+
+
+def test_worker_connects_as_postgres_and_triggers_run_as_postgres(net_conn: Conn) -> None:
+    row = net_conn.execute(
+        "select a.usename, r.rolsuper from pg_stat_activity a join pg_roles r"
+        " on r.rolname = a.usename where a.application_name = %s"
+        " and a.datname = current_database()",
+        (WORKER_APP,),
+    ).fetchone()
+    assert row == ("postgres", False)
+    # Supabase's own check: a trigger on net._http_response runs as the worker's role.
+    net_conn.execute("create table public.inserted_by (who text)")
+    net_conn.execute(
+        "create function public.record_inserter() returns trigger language plpgsql as"
+        " $$ begin insert into public.inserted_by values (current_user); return new; end $$"
+    )
+    net_conn.execute(
+        "create trigger record_inserter after insert on net._http_response"
+        " for each row execute function public.record_inserter()"
+    )
+    request_id = scalar(net_conn, "select net.http_get('http://127.0.0.1:9/refused')")
+    wait_response(net_conn, request_id)
+    assert net_conn.execute("select who from public.inserted_by").fetchall() == [("postgres",)]
+
+
+def test_no_transaction_is_open_while_requests_are_in_flight(
+    net_conn: Conn, endpoint: Endpoint
+) -> None:
+    group = uuid.uuid4().hex[:10]
+    request_id = scalar(net_conn, "select net.http_get(%s)", (endpoint.url(f"/slow/{group}/0"),))
+    eventually(lambda: endpoint.active.get(group), "the request to be in flight")
+    net_conn.execute("select pg_stat_clear_snapshot()")
+    state = net_conn.execute(
+        "select state, xact_start from pg_stat_activity where application_name = %s"
+        " and datname = current_database()",
+        (WORKER_APP,),
+    ).fetchone()
+    assert state is not None
+    assert state[0] in ("idle", "active")
+    assert state[1] is None
+    assert wait_response(net_conn, request_id)["status_code"] == 200
+
+
+def _kill_worker_mid_batch(rt: Runtime, conn: Conn, endpoint: Endpoint, count: int) -> list[int]:
+    group = uuid.uuid4().hex[:10]
+    with conn.transaction():
+        ids = [
+            scalar(conn, "select net.http_get(%s)", (endpoint.url(f"/sleep/3000/{group}/{i}"),))
+            for i in range(count)
+        ]
+    eventually(
+        lambda: len([s for s in endpoint.seen if f"/{group}/" in s.path]) == count,
+        "the whole batch to be in flight",
+    )
+    os.kill(_worker_child(rt), signal.SIGKILL)
+    # The restarted worker serves the database again; a later request proves it has drained.
+    eventually(lambda: worker_backends(conn), "the restarted worker")
+    probe = scalar(conn, "select net.http_get(%s)", (endpoint.url(unique("after-crash")),))
+    assert wait_response(conn, probe)["status_code"] == 200
+    return ids
+
+
+def test_a_worker_killed_mid_batch_loses_the_batch_and_never_resends(
+    rt: Runtime, net_conn: Conn, endpoint: Endpoint
+) -> None:
+    before = len(endpoint.seen)
+    ids = _kill_worker_mid_batch(rt, net_conn, endpoint, 20)
+    sent = [s for s in endpoint.seen[before:] if s.path.startswith("/sleep/3000/")]
+    assert len(sent) == 20  # each once: nothing sent twice after the restart
+    assert len({s.path for s in sent}) == 20
+    assert scalar(net_conn, "select count(*) from net.http_request_queue") == 0
+    assert (
+        scalar(net_conn, "select count(*) from net._http_response where id = any(%s)", (ids,)) == 0
+    )
+
+
+def test_idle_in_transaction_timeout_does_not_make_the_worker_resend(
+    net_conn: Conn, admin_base_conn: Conn, base_dbname: str, endpoint: Endpoint
+) -> None:
+    admin_base_conn.execute(
+        sql.SQL("alter database {} set idle_in_transaction_session_timeout = '100ms'").format(
+            sql.Identifier(base_dbname)
+        )
+    )
+    [before] = worker_backends(net_conn)
+    net_conn.execute("select net.worker_restart()")
+    eventually(
+        lambda: (pids := worker_backends(net_conn)) and before not in pids,
+        "the worker to reconnect",
+    )
+    group = uuid.uuid4().hex[:10]
+    with net_conn.transaction():
+        ids = [
+            scalar(net_conn, "select net.http_get(%s)", (endpoint.url(f"/slow/{group}/{i}"),))
+            for i in range(5)
+        ]
+    for request_id in ids:
+        assert wait_response(net_conn, request_id)["status_code"] == 200
+    assert sorted(s.path for s in endpoint.seen if f"/slow/{group}/" in s.path) == sorted(
+        f"/slow/{group}/{i}" for i in range(5)
+    )
+
+
+def test_worker_restart_is_served_while_a_truncate_holds_the_queue(
+    rt: Runtime, net_conn: Conn, base_dbname: str, endpoint: Endpoint
+) -> None:
+    [before] = worker_backends(net_conn)
+    with psycopg.connect(rt.dsn(base_dbname, "postgres")) as locker:
+        locker.execute("truncate net.http_request_queue")  # holds the lock until rollback
+        assert scalar(net_conn, "select net.worker_restart()") is True
+        eventually(
+            lambda: (pids := worker_backends(net_conn)) and before not in pids,
+            "the worker to restart although the queue is locked",
+        )
+        locker.rollback()
+    request_id = scalar(net_conn, "select net.http_get(%s)", (endpoint.url(unique("unlocked")),))
+    assert wait_response(net_conn, request_id)["status_code"] == 200
+
+
+def _kill_supervisor(rt: Runtime) -> list[int]:
+    """SIGKILL the supervisor; returns the processes it left behind (PostgREST, the gateway)."""
+    supervisor_pid = supervisor.networker_pid(rt)
+    assert supervisor_pid is not None
+    children = [p for p in supervisor.owned_processes(rt) if p != supervisor_pid]
+    worker_pid = _worker_child(rt)
+    os.kill(supervisor_pid, signal.SIGKILL)
+    eventually(lambda: not _alive(supervisor_pid), "the supervisor to die")
+    # The worker notices and ends; what cannot (PostgREST, the gateway) is listed as orphaned.
+    eventually(lambda: not _alive(worker_pid), "the orphaned worker to exit by itself")
+    assert supervisor.networker_pid(rt) is None
+    left = set(children) - {worker_pid}
+    assert left
+    assert set(supervisor.orphans(rt)) == left
+    return sorted(left)
+
+
+def test_a_killed_supervisor_leaves_no_orphan_behind(rt: Runtime, net_conn: Conn) -> None:
+    # stop ends the orphans.
+    orphaned = _kill_supervisor(rt)
+    supervisor.stop_networker(rt)
+    assert not any(_alive(p) for p in orphaned)
+    assert supervisor.owned_processes(rt) == []
+    supervisor.ensure_networker(rt)
+    eventually(lambda: len(worker_backends(net_conn)) == 1, "one worker connection")
+
+    # start ends them before starting a fresh set: one worker, no second PostgREST.
+    orphaned = _kill_supervisor(rt)
+    new_supervisor = supervisor.ensure_networker(rt)
+    assert not any(_alive(p) for p in orphaned)
+    eventually(lambda: _children(new_supervisor), "the new worker")
+    eventually(lambda: len(worker_backends(net_conn)) == 1, "one worker connection")
+    assert supervisor.orphans(rt) == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# --- response headers libcurl accepts (pg_net's malformed-header tests) -----------------------
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[bytes], str]]:
+    """A one-shot HTTP server answering with the raw bytes given; returns its URL."""
+    servers: list[socket.socket] = []
+
+    def serve(reply: bytes) -> str:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        servers.append(listener)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/"
+
+    yield serve
+    for listener in servers:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        (b"Spaces In Header Name: yes", "Spaces In Header Name"),
+        (b"Trailing-Space : yes", "Trailing-Space "),
+        (b"Caf\xc3\xa9: yes", "Caf\u00e9"),
+        (b"Latin-\xe9: yes", "Latin-\ufffd"),
+        (b"MissingValue: ", "MissingValue"),
+    ],
+    ids=["spaces", "trailing-whitespace", "utf8", "non-utf8", "missing-value"],
+)
+def test_odd_response_header_names_are_recorded_like_pg_net(
+    net_conn: Conn, raw_server: Callable[[bytes], str], line: bytes, name: str
+) -> None:
+    reply = b"HTTP/1.1 200 OK\r\n" + line + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    request_id = scalar(net_conn, "select net.http_get(%s)", (raw_server(reply),))
+    row = wait_response(net_conn, request_id)
+    assert (row["status_code"], row["error_msg"], row["content"]) == (200, None, "ok")
+    assert name in row["headers"]
+    status = net_conn.execute(
+        "select (r).status::text from net._http_collect_response(%s) r", (request_id,)
+    ).fetchone()
+    assert status == ("SUCCESS",)

@@ -274,6 +274,13 @@ def test_auth_users_shape(base_conn: Conn) -> None:
     uid = uuid.uuid4()
     base_conn.execute("insert into auth.users (id, email) values (%s, 'u@example.com')", (uid,))
     assert _one(base_conn, "select email from auth.users where id = %s", (uid,)) == "u@example.com"
+    # As on Supabase, postgres may pass its privileges on auth.users on.
+    for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"):
+        assert _one(
+            base_conn,
+            "select has_table_privilege('postgres', 'auth.users', %s)",
+            (f"{privilege} WITH GRANT OPTION",),
+        ), privilege
 
 
 def test_postgres_cannot_create_objects_in_auth(base_conn: Conn) -> None:

@@ -1,0 +1,19 @@
+"""api_http_status
+
+Runs supabase/migrations/20261203300000_api_http_status.sql unchanged.
+"""
+
+from service.runtime.migrations import run_revision
+
+revision = "20261203300000"
+down_revision = "20261203100000"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_revision(revision)
+
+
+def downgrade() -> None:
+    raise NotImplementedError("migrations are forward-only")
