@@ -94,3 +94,5 @@ $body$, case when f.proretset then 'return query select * from ' || v_call || ';
   end loop;
 end
 $$;
+
+select billing.assert_surface_locked_down();

@@ -15,10 +15,11 @@ from typing import Any
 import jwt
 import psycopg
 import pytest
-from conftest import Statuses, client, snapshot
-from dbkit import Billing, FakeToss, sha256_hex
+from apikit import Statuses, client, snapshot
+from dbkit import KEYRING, Billing, FakeToss
 from postgrest.exceptions import APIError
 
+from service import db
 from service.runtime.api import DataApi
 from service.runtime.cluster import Runtime
 from service.runtime.signin import SignedIn, call_api, sign_in
@@ -43,19 +44,18 @@ def complete_registration(rt: Runtime, dbname: str, customer_key: str) -> None:
     bl = Billing(rt, dbname)
     try:
         billing_key = f"bk_{uuid.uuid4().hex}"
-        bl.service(
-            "service_complete_registration",
-            customer_key,
-            b"ciphertext:" + billing_key.encode(),
-            "k1",
-            sha256_hex(billing_key),
-            {"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용",
-                      "ownerType": "개인"}},
-        )  # fmt: skip
+        card = {
+            "number": "4330****1234",
+            "issuerCode": "61",
+            "cardType": "신용",
+            "ownerType": "개인",
+        }
+        sealed = KEYRING.seal(billing_key, customer_key)
+        bl.run(db.service_complete_registration(customer_key, sealed, {"card": card}))
         [row] = bl.claim()
-        payment = FakeToss(bl).approve(row["order_id"], row["amount"], row["order_name"])
-        result = bl.service("service_record_charge_success", row["attempt_id"], payment)
-        assert result["applied"] is True
+        payment = FakeToss(bl).approve(row.order_id, row.amount, row.order_name)
+        result = bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, payment))
+        assert result.detail["applied"] is True
     finally:
         bl.close()
 
