@@ -27,6 +27,7 @@ def test_billing_migrations_exist_and_are_named_by_rule() -> None:
         "20261121200400_billing_api.sql",
         "20261121200500_billing_scheduler.sql",
         "20261121200600_billing_security.sql",
+        "20261203200000_scale.sql",
     ]
     assert all(MIGRATION_NAME.match(p.name) for p in BILLING)
 

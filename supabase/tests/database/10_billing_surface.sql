@@ -54,7 +54,11 @@ select functions_are('billing', array[
   'service_record_notification_delivered',
   -- operator and scheduler
   'request_refund', 'change_plan_price', 'cancel_subscription_now', 'retry_subscription_charge',
-  'configure_plan_dunning', 'ring_service', 'tick'], 'billing holds exactly these functions');
+  'configure_plan_dunning', 'ring_service', 'tick',
+  -- the scheduler's steps and the event log's partitions
+  'tick_expire_registrations', 'tick_expire_leases', 'tick_end_at_period_end', 'tick_renew', 'tick_end_grace',
+  'tick_expire_credits', 'tick_maintain_event_partitions', 'run_tick_step', 'seal_event_table',
+  'ensure_event_partition', 'archive_event_month'], 'billing holds exactly these functions');
 
 -- Who may execute what: every (function, role) pair for the API roles, the service and the analyst.
 select set_eq(
