@@ -139,40 +139,38 @@ set search_path = ''
 as $$
 declare
   v_now timestamptz := billing.now();
-  v_ids uuid[];
-  v_cards_needed integer;
+  v_renewed integer := 0;
+  v_cards_needed integer := 0;
+  r record;
+  p billing.billing_periods;
 begin
-  -- A join on the current period: one primary-key probe per due subscription, walked in due order
-  -- (an "or not exists" sub-plan here turns into a scan of every period).
-  select pg_catalog.array_agg(x.id) into v_ids
-    from (select su.id from billing.subscriptions su
-            left join billing.billing_periods bp on bp.id = su.current_period_id
-           where su.status = 'active' and su.current_period_ends_at <= v_now and not su.cancel_at_period_end
-             and bp.status is distinct from 'open'
-           order by su.current_period_ends_at
-           limit batch
-             for update of su skip locked) x;
-  if v_ids is null then
-    return pg_catalog.jsonb_build_object('rows', 0, 'renewals', 0, 'cardsNeeded', 0);
-  end if;
-
-  perform billing.open_period(su.id, su.current_period_index + 1, 'renewal')
-     from billing.subscriptions su where su.id = any (v_ids);
-  perform billing.create_attempt(su.current_period_id, v_now, 'renewal of period ' || su.current_period_index)
-     from billing.subscriptions su
-     join billing.payment_methods pm on pm.id = su.payment_method_id
-    where su.id = any (v_ids) and pm.status = 'active';
-  -- The card is gone (deleted at Toss): no charge can work, so ask for a new one.
-  perform billing.mark_past_due(su.id, 'renewal without a usable card', awaiting_card => true),
-          billing.notify_subscriber('card_needed', su.id,
-            pg_catalog.jsonb_build_object('reason', 'no usable card for the renewal',
-                                          'periodIndex', su.current_period_index))
-     from billing.subscriptions su
-     join billing.payment_methods pm on pm.id = su.payment_method_id
-    where su.id = any (v_ids) and pm.status <> 'active';
-  get diagnostics v_cards_needed = row_count;
-  return pg_catalog.jsonb_build_object('rows', pg_catalog.cardinality(v_ids),
-                                       'renewals', pg_catalog.cardinality(v_ids), 'cardsNeeded', v_cards_needed);
+  -- A join on the current period, one primary-key probe per due subscription walked in due order
+  -- ("limit 1" keeps it a nested loop: as a plain join, or as the "or not exists" sub-plan it
+  -- replaces, a burst turns it into a scan of every period and a sort of everything due).
+  for r in
+    select su.id, su.current_period_index, su.payment_method_id
+      from billing.subscriptions su
+      left join lateral (select bp.status from billing.billing_periods bp
+                          where bp.id = su.current_period_id limit 1) cur on true
+     where su.status = 'active' and su.current_period_ends_at <= v_now and not su.cancel_at_period_end
+       and cur.status is distinct from 'open'
+     order by su.current_period_ends_at
+     limit batch
+       for update of su skip locked
+  loop
+    p := billing.open_period(r.id, r.current_period_index + 1, 'renewal');
+    if exists (select 1 from billing.payment_methods pm where pm.id = r.payment_method_id and pm.status = 'active') then
+      perform billing.create_attempt(p.id, v_now, 'renewal of period ' || p.period_index);
+    else
+      -- The card is gone (deleted at Toss): no charge can work, so ask for a new one.
+      perform billing.mark_past_due(r.id, 'renewal without a usable card', awaiting_card => true);
+      perform billing.notify_subscriber('card_needed', r.id,
+        pg_catalog.jsonb_build_object('reason', 'no usable card for the renewal', 'periodIndex', p.period_index));
+      v_cards_needed := v_cards_needed + 1;
+    end if;
+    v_renewed := v_renewed + 1;
+  end loop;
+  return pg_catalog.jsonb_build_object('rows', v_renewed, 'renewals', v_renewed, 'cardsNeeded', v_cards_needed);
 end
 $$;
 revoke execute on function billing.tick_renew(integer) from public;
@@ -511,17 +509,24 @@ begin
       end, v_batch, v_deadline));
   end loop;
 
+  -- Each check is ordered like its claim, so it walks the claim's index (an EXISTS drops the order
+  -- and may read a table from its start when the ready rows are the newest, at its end).
   v_claimable := pg_catalog.jsonb_build_object(
-    'attempts', exists (select 1 from billing.charge_attempts ca
-                         where ca.status in ('queued', 'unknown') and ca.not_before <= v_now),
-    'refunds', exists (select 1 from billing.refunds r where r.status = 'requested' and r.not_before <= v_now),
-    'webhooks', exists (select 1 from billing.webhook_events we
-                         where we.status = 'received' and we.not_before <= v_now),
-    'keyDeletions', exists (select 1 from billing.key_deletions kd
-                             where kd.status = 'requested' and kd.not_before <= v_now),
-    'notifications', exists (select 1 from billing.notifications n
-                              where n.delivered_at is null
-                                and (n.lease_expires_at is null or n.lease_expires_at <= v_now)));
+    'attempts', (select true from billing.charge_attempts ca
+                  where ca.status in ('queued', 'unknown') and ca.not_before <= v_now
+                  order by ca.not_before, ca.id limit 1) is not null,
+    'refunds', (select true from billing.refunds r where r.status = 'requested' and r.not_before <= v_now
+                 order by r.not_before, r.id limit 1) is not null,
+    'webhooks', (select true from billing.webhook_events we
+                  where we.status = 'received' and we.not_before <= v_now
+                  order by we.not_before, we.id limit 1) is not null,
+    'keyDeletions', (select true from billing.key_deletions kd
+                      where kd.status = 'requested' and kd.not_before <= v_now
+                      order by kd.not_before, kd.id limit 1) is not null,
+    'notifications', (select true from billing.notifications n
+                       where n.delivered_at is null
+                         and (n.lease_expires_at is null or n.lease_expires_at <= v_now)
+                       order by n.id limit 1) is not null);
   v_summary := pg_catalog.jsonb_build_object(
     'at', v_now,
     'registrationsExpired', (v_steps #>> '{expireRegistrations,registrationsExpired}')::integer,
