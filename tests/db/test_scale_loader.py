@@ -54,7 +54,7 @@ def dump(conn: psycopg.Connection[Any]) -> dict[str, list[str]]:
     out = {}
     for table in (*TABLES, "events"):
         where = "where t.entity_type <> 'clock'" if table == "events" else ""
-        rows = conn.execute(_DUMP.format(table=table, where=where)).fetchall()  # noqa: S608
+        rows = conn.execute(_DUMP.format(table=table, where=where)).fetchall()
         out[table] = [next(iter(r.values())) if isinstance(r, dict) else r[0] for r in rows]
     return out
 

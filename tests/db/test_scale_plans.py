@@ -1,8 +1,8 @@
 """Plan shapes at a size where a missing index shows: 20,000 subscribers loaded as the real path
 leaves them, a day's burst of renewals, and backlogs in every work queue. Each statement runs inside
-its real function with auto_explain reporting every nested statement's plan to this session; no plan
-may read a big table sequentially or sort more than a batch, in custom plans and in the generic plans
-plpgsql switches to after five calls."""
+its real function with auto_explain reporting every nested statement's plan to this session; no
+plan may read a big table sequentially or sort more than a batch: as plpgsql's plan cache chooses
+(custom plans, generic after five calls when cheaper), and for the scheduler also forced generic."""
 
 from __future__ import annotations
 
@@ -42,6 +42,28 @@ BIG = {
     "notifications",
 }
 LARGEST_SORT = 500  # a tick batch; claims hand out at most 100
+# The other queues: a backlog of ready work among many finished rows (setup data, inserted
+# directly).
+BACKLOGS = """
+insert into billing.refunds (payment_id, user_id, amount, reason, source, requested_by, not_before,
+                             status, toss_transaction_key)
+select p.id, p.user_id, 1000, 'refund', 'operator', 'postgres', p.approved_at,
+       (case when n <= %(backlog)s then 'requested' else 'succeeded' end)::billing.refund_status,
+       case when n > %(backlog)s then 'tk-' || n end
+  from (select p.*, row_number() over (order by p.approved_at) n from billing.payments p) p;
+insert into billing.webhook_events (transmission_id, event_type, payload, not_before, status)
+select 'tx-' || g, 'PAYMENT_STATUS_CHANGED', '{}', %(start)s,
+       (case when g <= %(backlog)s then 'received' else 'processed' end)::billing.webhook_status
+  from generate_series(1, %(n)s) g;
+insert into billing.key_deletions (payment_method_id, reason, not_before, status, deleted_at)
+select pm.id, 'ended', pm.created_at,
+       (case when n <= %(backlog)s then 'requested' else 'deleted' end)
+         ::billing.key_deletion_status,
+       case when n > %(backlog)s then pm.created_at end
+  from (select pm.*, row_number() over (order by pm.created_at) n
+          from billing.payment_methods pm) pm;
+analyze billing.refunds, billing.webhook_events, billing.key_deletions;
+"""
 
 
 @dataclass
@@ -86,9 +108,7 @@ class Big:
     def explained(self, run: Callable[[], object], generic: bool) -> list[dict[str, Any]]:
         """Runs ``run`` with every nested statement's plan collected; returns the plans."""
         # auto: plpgsql's own choice (custom plans first, generic after five calls if cheaper).
-        self.conn.execute(
-            "set plan_cache_mode = " + ("force_generic_plan" if generic else "auto")
-        )
+        self.conn.execute("set plan_cache_mode = " + ("force_generic_plan" if generic else "auto"))
         self.plans.seen.clear()
         self.conn.execute("set auto_explain.log_min_duration = 0")
         try:
@@ -104,7 +124,7 @@ class Big:
                 "select set_config('request.jwt.claims', %s, true)",
                 (json.dumps({"sub": sub, "role": "authenticated", "email": f"{sub}@x.test"}),),
             )
-            row = self.conn.execute(f"select {call}", args).fetchone()  # noqa: S608
+            row = self.conn.execute(f"select {call}", args).fetchone()
         return row[0] if row else None
 
     def as_service(self, call: str, *args: object) -> list[tuple[Any, ...]]:
@@ -120,30 +140,8 @@ def big(rt: Runtime, template: str) -> Iterator[Big]:
         with psycopg.connect(rt.dsn(name, ADMIN_USER), autocommit=True) as conn:
             conn.execute("select billing.enable_test_clock()")
             loader.load_subscribers(conn, N, START, SPREAD, prefix="big-")
-            # The other queues: a backlog of ready work among many finished rows (setup data,
-            # inserted directly).
-            psycopg.ClientCursor(conn).execute(
-                """
-                insert into billing.refunds (payment_id, user_id, amount, reason, source, requested_by,
-                                             not_before, status, toss_transaction_key)
-                select p.id, p.user_id, 1000, 'refund', 'operator', 'postgres', p.approved_at,
-                       case when n <= %(backlog)s then 'requested' else 'succeeded' end::billing.refund_status,
-                       case when n > %(backlog)s then 'tk-' || n end
-                  from (select p.*, row_number() over (order by p.approved_at) n from billing.payments p) p;
-                insert into billing.webhook_events (transmission_id, event_type, payload, not_before, status)
-                select 'tx-' || g, 'PAYMENT_STATUS_CHANGED', '{}', %(start)s,
-                       case when g <= %(backlog)s then 'received' else 'processed' end::billing.webhook_status
-                  from generate_series(1, %(n)s) g;
-                insert into billing.key_deletions (payment_method_id, reason, not_before, status, deleted_at)
-                select pm.id, 'ended', pm.created_at,
-                       case when n <= %(backlog)s then 'requested' else 'deleted' end::billing.key_deletion_status,
-                       case when n > %(backlog)s then pm.created_at end
-                  from (select pm.*, row_number() over (order by pm.created_at) n
-                          from billing.payment_methods pm) pm;
-                analyze billing.refunds, billing.webhook_events, billing.key_deletions;
-                """,
-                {"n": N, "backlog": BACKLOG, "start": START},
-            )
+            params = {"n": N, "backlog": BACKLOG, "start": START}
+            psycopg.ClientCursor(conn).execute(BACKLOGS, params)
             conn.execute("load 'auto_explain'")
             for setting in (
                 "auto_explain.log_nested_statements = on",
@@ -195,7 +193,8 @@ def test_a_days_burst_of_renewals_and_an_idle_tick_read_only_what_is_due(
             where status = 'active' and current_period_ends_at <= billing.now()
               and current_period_index = 1"""
     ).fetchone()
-    assert due is not None and due[0] > 600
+    assert due is not None
+    assert due[0] > 600
     # Five ticks so that plpgsql's plan cache has settled on its choice.
     results: list[dict[str, Any]] = []
     seen = big.explained(
@@ -216,7 +215,8 @@ def test_claims_walk_their_queue_in_order(big: Big) -> None:
     backlog = big.conn.execute(
         "select count(*) from billing.charge_attempts where status = 'queued'"
     ).fetchone()
-    assert backlog is not None and backlog[0] > 600  # the renewals above
+    assert backlog is not None
+    assert backlog[0] > 600  # the renewals above
     big.conn.execute("analyze billing.charge_attempts, billing.notifications")
     claimed: list[int] = []
     seen = big.explained(
