@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -47,11 +48,12 @@ def _demo(args: argparse.Namespace) -> int:
     from service.runtime import migrations, supervisor
     from service.runtime.cluster import Runtime
 
-    rt = Runtime.from_env()
+    # The demo claims durability: Supabase's settings (see Runtime.durable).
+    rt = replace(Runtime.from_env(), durable=True)
     rt.start()
     supervisor.ensure_networker(rt)
     migrations.upgrade(rt.dsn())
-    print("saju-billing local runtime is up and migrated.")
+    print("saju-billing local runtime is up (durable mode) and migrated.")
     print(f"  database : {rt.dsn()}")
     print("  psql     : .venv/bin/saju-billing db psql")
     print("  status   : .venv/bin/saju-billing db status")
@@ -81,6 +83,16 @@ def _sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.bench import scale
+
+    results = scale.run(args.subscriptions, Path(args.out), keep=args.keep)
+    print(scale.table(results), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saju-billing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--webhook-url", default=None, help="where to deliver Toss-style webhooks")
     sb.add_argument("--seed", type=int, default=0, help="seed for injected fault rates")
     sb.set_defaults(func=_sandbox)
+
+    bench = sub.add_parser("bench", help="benchmarks (durable mode; results in bench-results/)")
+    bench.add_argument("name", choices=["scale"])
+    bench.add_argument("--subscriptions", type=int, default=100_000)
+    bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--keep", action="store_true", help="keep the benchmark's database")
+    bench.set_defaults(func=_bench)
     return parser
 
 

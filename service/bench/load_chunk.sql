@@ -1,7 +1,7 @@
 -- One chunk of the bulk loader (service/bench/loader.py): a plan of ids per subscriber, then every
 -- table from it. Runs as a superuser with session_replication_role = replica (no triggers, no
 -- foreign-key checks: the ids are consistent by construction), so the audit events are written here,
--- in the order the triggers write them. Parameters are psycopg's %(name)s; the Toss Payment
+-- in the order the triggers write them. Parameters are psycopg's named placeholders; the Toss Payment
 -- expression replaces the payment marker.
 create temporary table load_plan on commit drop as
 select g.i,
