@@ -493,6 +493,7 @@ declare
   v_deadline timestamptz := pg_catalog.clock_timestamp() + interval '4 seconds';
   v_steps jsonb := '{}';
   v_step text;
+  v_due text[];
   v_claimable jsonb;
   v_summary jsonb;
   v_request bigint;
@@ -502,19 +503,60 @@ begin
     return pg_catalog.jsonb_build_object('at', v_now, 'skipped', true);
   end if;
 
+  -- Which steps have anything to do, in one statement of index probes: an idle tick (every minute,
+  -- each in a new session under pg_cron) then plans this and the claimable check, and calls no
+  -- step at all. Each probe walks its step's index in order (as an EXISTS it could read a table).
+  select array_remove(array[
+           case when (select true from billing.card_registrations x
+                       where x.status = 'pending' and x.expires_at <= v_now order by x.expires_at limit 1)
+                then 'expireRegistrations' end,
+           case when (select true from billing.charge_attempts x
+                       where x.status = 'claimed' and x.lease_expires_at <= v_now order by x.lease_expires_at limit 1)
+                  or (select true from billing.refunds x
+                       where x.status = 'claimed' and x.lease_expires_at <= v_now order by x.lease_expires_at limit 1)
+                  or (select true from billing.webhook_events x
+                       where x.status = 'processing' and x.lease_expires_at <= v_now
+                       order by x.lease_expires_at limit 1)
+                  or (select true from billing.key_deletions x
+                       where x.status = 'claimed' and x.lease_expires_at <= v_now order by x.lease_expires_at limit 1)
+                then 'expireLeases' end,
+           case when (select true from billing.subscriptions x
+                       where x.status = 'active' and x.current_period_ends_at <= v_now
+                       order by x.current_period_ends_at limit 1)
+                then 'endAtPeriodEnd' end,
+           case when (select true from billing.subscriptions x
+                       where x.status = 'active' and x.current_period_ends_at <= v_now
+                       order by x.current_period_ends_at limit 1)
+                then 'renew' end,
+           case when (select true from billing.subscriptions x
+                       where x.status in ('incomplete', 'past_due') and x.grace_ends_at <= v_now
+                       order by x.grace_ends_at limit 1)
+                then 'endGrace' end,
+           case when (select true from billing.credit_grants x
+                       where x.status = 'active' and x.expires_at <= v_now order by x.expires_at limit 1)
+                then 'expireCredits' end,
+           case when exists (select 1 from pg_catalog.generate_series(0, 2) m
+                              where pg_catalog.to_regclass('billing_history.events_' || pg_catalog.to_char(
+                                      pg_catalog.now() at time zone 'UTC' + pg_catalog.make_interval(months => m),
+                                      'YYYY_MM')) is null)
+                then 'maintainEventPartitions' end], null)
+    into v_due;
+
   foreach v_step in array array['expireRegistrations', 'expireLeases', 'endAtPeriodEnd', 'renew', 'endGrace',
                                 'expireCredits', 'maintainEventPartitions']
   loop
-    v_steps := v_steps || pg_catalog.jsonb_build_object(v_step, billing.run_tick_step(
-      case v_step
-        when 'expireRegistrations' then 'billing.tick_expire_registrations'::regproc
-        when 'expireLeases' then 'billing.tick_expire_leases'::regproc
-        when 'endAtPeriodEnd' then 'billing.tick_end_at_period_end'::regproc
-        when 'renew' then 'billing.tick_renew'::regproc
-        when 'endGrace' then 'billing.tick_end_grace'::regproc
-        when 'expireCredits' then 'billing.tick_expire_credits'::regproc
-        else 'billing.tick_maintain_event_partitions'::regproc
-      end, v_batch, v_deadline));
+    v_steps := v_steps || pg_catalog.jsonb_build_object(v_step, case
+      when v_step <> all (v_due) then '{"rows": 0, "batches": 0, "ms": 0}'::jsonb
+      else billing.run_tick_step(
+        case v_step
+          when 'expireRegistrations' then 'billing.tick_expire_registrations'::regproc
+          when 'expireLeases' then 'billing.tick_expire_leases'::regproc
+          when 'endAtPeriodEnd' then 'billing.tick_end_at_period_end'::regproc
+          when 'renew' then 'billing.tick_renew'::regproc
+          when 'endGrace' then 'billing.tick_end_grace'::regproc
+          when 'expireCredits' then 'billing.tick_expire_credits'::regproc
+          else 'billing.tick_maintain_event_partitions'::regproc
+        end, v_batch, v_deadline) end);
   end loop;
 
   -- Each check is ordered like its claim, so it walks the claim's index (an EXISTS drops the order
@@ -537,17 +579,17 @@ begin
                        order by n.id limit 1) is not null);
   v_summary := pg_catalog.jsonb_build_object(
     'at', v_now,
-    'registrationsExpired', (v_steps #>> '{expireRegistrations,registrationsExpired}')::integer,
+    'registrationsExpired', coalesce((v_steps #>> '{expireRegistrations,registrationsExpired}')::integer, 0),
     'leasesExpired', pg_catalog.jsonb_build_object(
-      'attempts', (v_steps #>> '{expireLeases,attempts}')::integer,
-      'refunds', (v_steps #>> '{expireLeases,refunds}')::integer,
-      'webhooks', (v_steps #>> '{expireLeases,webhooks}')::integer,
-      'keyDeletions', (v_steps #>> '{expireLeases,keyDeletions}')::integer),
-    'renewals', (v_steps #>> '{renew,renewals}')::integer,
-    'cardsNeeded', (v_steps #>> '{renew,cardsNeeded}')::integer,
-    'endedAtPeriodEnd', (v_steps #>> '{endAtPeriodEnd,endedAtPeriodEnd}')::integer,
-    'endedAfterGrace', (v_steps #>> '{endGrace,endedAfterGrace}')::integer,
-    'creditGrantsExpired', (v_steps #>> '{expireCredits,creditGrantsExpired}')::integer,
+      'attempts', coalesce((v_steps #>> '{expireLeases,attempts}')::integer, 0),
+      'refunds', coalesce((v_steps #>> '{expireLeases,refunds}')::integer, 0),
+      'webhooks', coalesce((v_steps #>> '{expireLeases,webhooks}')::integer, 0),
+      'keyDeletions', coalesce((v_steps #>> '{expireLeases,keyDeletions}')::integer, 0)),
+    'renewals', coalesce((v_steps #>> '{renew,renewals}')::integer, 0),
+    'cardsNeeded', coalesce((v_steps #>> '{renew,cardsNeeded}')::integer, 0),
+    'endedAtPeriodEnd', coalesce((v_steps #>> '{endAtPeriodEnd,endedAtPeriodEnd}')::integer, 0),
+    'endedAfterGrace', coalesce((v_steps #>> '{endGrace,endedAfterGrace}')::integer, 0),
+    'creditGrantsExpired', coalesce((v_steps #>> '{expireCredits,creditGrantsExpired}')::integer, 0),
     'claimable', v_claimable);
   if v_claimable @> '{"attempts": true}' or v_claimable @> '{"refunds": true}'
      or v_claimable @> '{"webhooks": true}' or v_claimable @> '{"keyDeletions": true}'
@@ -559,8 +601,9 @@ end
 $$;
 revoke execute on function billing.tick() from public;
 comment on function billing.tick() is
-  'Scheduler (pg_cron, every minute), in named steps run in this order, each in batches of 500 while '
-  'its batches come back full and the tick''s 4-second budget lasts: tick_expire_registrations, '
+  'Scheduler (pg_cron, every minute), in named steps run in this order when one index probe each '
+  'finds work for them, each in batches of 500 while its batches come back full and the tick''s '
+  '4-second budget lasts: tick_expire_registrations, '
   'tick_expire_leases, tick_end_at_period_end, tick_renew (new period + attempt for due paid-up '
   'subscriptions), tick_end_grace, tick_expire_credits, tick_maintain_event_partitions; then rings '
   'the service only if claimable work exists. Each step walks a partial index on its due time, so an '
