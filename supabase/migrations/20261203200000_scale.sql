@@ -1,6 +1,6 @@
 -- Billing at a million subscriptions: indexes for every lookup the API, the claims and the
 -- scheduler make; billing.tick() in named, separately testable steps that work through a burst
--- in small set-based batches under a time budget; and the event log partitioned by month, with an
+-- in small batches under a time budget; and the event log partitioned by month, with an
 -- archive path that keeps the live log append-only. SQLSTATEs: see 20261121200100_billing_core.sql.
 
 -- ---------------------------------------------------------------------------------------------
