@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -56,7 +57,8 @@ def _demo(args: argparse.Namespace) -> int:
     from service.runtime.cluster import Runtime
     from service.runtime.signin import call_api, sign_in
 
-    rt = Runtime.from_env()
+    # The demo claims durability: Supabase's settings (see Runtime.durable).
+    rt = replace(Runtime.from_env(), durable=True)
     rt.start()
     supervisor.ensure_networker(rt)
     migrations.upgrade(rt.dsn())
@@ -64,7 +66,7 @@ def _demo(args: argparse.Namespace) -> int:
     # A simulated subscriber, through the supabase client and the Data API as an app would.
     subscriber = sign_in(api, "demo-subscriber@example.com")
     credits = call_api(api, subscriber.access_token, "my_credits")
-    print("saju-billing local runtime is up and migrated.")
+    print("saju-billing local runtime is up (durable mode) and migrated.")
     print(f"  database : {rt.dsn()}")
     print(f"  data API : {api.url}  (anon and service_role keys: saju-billing db status)")
     print(f"  sign in  : saju-billing token --user {subscriber.email}")
@@ -234,6 +236,16 @@ def _stack(args: argparse.Namespace) -> int:
     return stack.main(args.action)
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.bench import scale
+
+    results = scale.run(args.subscriptions, Path(args.out), keep=args.keep)
+    print(scale.table(results), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saju-billing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,10 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     tk.set_defaults(func=_token)
 
     bn = sub.add_parser("bench", help="benchmarks; results go to bench-results/")
-    bn.add_argument("what", choices=["net"], help="net: the local pg_net worker's throughput")
-    bn.add_argument("--requests", type=int, default=2000)
-    bn.add_argument("--delay-ms", type=int, default=50, help="the endpoint's answer delay")
-    bn.set_defaults(func=_bench)
+    bn_sub = bn.add_subparsers(dest="what", required=True)
+    net = bn_sub.add_parser("net", help="the local pg_net worker's throughput")
+    net.add_argument("--requests", type=int, default=2000)
+    net.add_argument("--delay-ms", type=int, default=50, help="the endpoint's answer delay")
+    net.set_defaults(func=_bench)
+    scale = bn_sub.add_parser("scale", help="the billing core at size (durable mode)")
+    scale.add_argument("--subscriptions", type=int, default=100_000)
+    scale.add_argument("--out", default="bench-results")
+    scale.add_argument("--keep", action="store_true", help="keep the benchmark's database")
+    scale.set_defaults(func=_bench_scale)
 
     nw = sub.add_parser("net-worker", help="run the pg_net-compatible worker in the foreground")
     sv = sub.add_parser("supervise", help="run the runtime's services under a supervisor")

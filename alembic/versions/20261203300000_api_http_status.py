@@ -6,7 +6,7 @@ Runs supabase/migrations/20261203300000_api_http_status.sql unchanged.
 from service.runtime.migrations import run_revision
 
 revision = "20261203300000"
-down_revision = "20261203100000"
+down_revision = "20261203200000"
 branch_labels = None
 depends_on = None
 

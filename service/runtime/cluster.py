@@ -39,6 +39,9 @@ LOCAL_PASSWORD = "postgres"  # noqa: S105
 BASE_DB = "supabase_base"
 MAIN_DB = "postgres"
 CRON_DB_DURING_BOOTSTRAP = BASE_DB
+# Off in the fast mode the tests use (a disposable cluster); on in the durable mode, as Supabase
+# runs them (WAL flushed at every commit), for the demo, benchmarks and chaos runs.
+DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes")
 
 
 def project_root() -> Path:
@@ -70,21 +73,23 @@ class Runtime:
     base_dir: Path
     port: int
     host: str = "127.0.0.1"
+    durable: bool = False
 
     @classmethod
     def from_env(cls) -> Runtime:
         root = project_root()
         port = int(os.environ.get("SAJU_DB_PORT", "54322"))
+        durable = os.environ.get("SAJU_DB_DURABLE", "") == "1"
         env_dir = os.environ.get("SAJU_RUNTIME_DIR")
         if env_dir:
-            return cls(root=root, base_dir=Path(env_dir), port=port)
+            return cls(root=root, base_dir=Path(env_dir), port=port, durable=durable)
         base = root / ".local"
         if os.geteuid() == 0 and not _postgres_can_reach(root):
             # A checkout under a private directory (e.g. /root): keep the cluster where the OS
             # user postgres can reach it, one directory per checkout.
             digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
             base = Path("/var/tmp/saju-billing") / digest  # noqa: S108 - root-owned, per checkout
-        return cls(root=root, base_dir=base, port=port)
+        return cls(root=root, base_dir=base, port=port, durable=durable)
 
     # --- paths -----------------------------------------------------------------------------
     @property
@@ -193,10 +198,8 @@ class Runtime:
                     "timezone = 'UTC'",
                     "log_timezone = 'UTC'",
                     "password_encryption = 'scram-sha-256'",
-                    # A disposable local cluster: trade crash safety for test speed.
-                    "fsync = off",
-                    "synchronous_commit = off",
-                    "full_page_writes = off",
+                    # Fast or durable: see DURABILITY_SETTINGS.
+                    "include_if_exists 'saju_durability.conf'",
                     "logging_collector = off",
                     # pg_net's GUCs, read by the local net worker.
                     "pg_net.batch_size = 200",
@@ -207,10 +210,40 @@ class Runtime:
         )
         if os.geteuid() == 0:
             shutil.chown(conf, "postgres", "postgres")
+        self._write_durability()
         main_conf = self.data_dir / "postgresql.conf"
         text = main_conf.read_text()
         if "include_if_exists 'saju_runtime.conf'" not in text:
             main_conf.write_text(text + "\ninclude_if_exists 'saju_runtime.conf'\n")
+
+    def _write_durability(self) -> bool:
+        """Writes this runtime's durability settings; returns whether they changed."""
+        conf = self.data_dir / "saju_durability.conf"
+        value = "on" if self.durable else "off"
+        text = "".join(f"{name} = {value}\n" for name in DURABILITY_SETTINGS)
+        if conf.exists() and conf.read_text() == text:
+            return False
+        conf.write_text(text)
+        if os.geteuid() == 0:
+            shutil.chown(conf, "postgres", "postgres")
+        return True
+
+    def _apply_durability(self, timeout: float = 30.0) -> None:
+        """Switches a running cluster to this runtime's mode (all three settings reload live)."""
+        if not self._write_durability():
+            return
+        want = "on" if self.durable else "off"
+        deadline = time.monotonic() + timeout
+        with self.connect(MAIN_DB) as conn:
+            conn.execute("select pg_reload_conf()")
+        while True:
+            with self.connect(MAIN_DB) as conn:
+                row = conn.execute("select current_setting('fsync')").fetchone()
+            if row is not None and row[0] == want:
+                return
+            if time.monotonic() > deadline:
+                raise LocalRuntimeError(f"the cluster did not switch fsync to {want}")
+            time.sleep(0.1)
 
     def _pg_ctl(self, action: str) -> None:
         argv = [str(PG_BIN / "pg_ctl"), action, "-D", str(self.data_dir), "-w", "-t", "120"]
@@ -314,6 +347,7 @@ class Runtime:
             self._write_conf(cron_database=MAIN_DB)
             self._pg_ctl("start")
         self.wait_ready()
+        self._apply_durability()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -61,7 +61,11 @@ select functions_are('billing', array[
   -- operator and scheduler
   'request_refund', 'change_plan_price', 'cancel_subscription_now', 'retry_subscription_charge',
   'configure_plan_dunning', 'ring_service', 'tick', 'ops_configure_doorbell', 'request_reconciliation',
-  'schedule_reconciliation', 'ops_reconciliation_report'], 'billing holds exactly these functions');
+  'schedule_reconciliation', 'ops_reconciliation_report',
+  -- the scheduler's steps and the event log's partitions
+  'tick_expire_registrations', 'tick_expire_leases', 'tick_end_at_period_end', 'tick_renew', 'tick_end_grace',
+  'tick_expire_credits', 'tick_maintain_event_partitions', 'run_tick_step', 'seal_event_table',
+  'ensure_event_partition', 'archive_event_month'], 'billing holds exactly these functions');
 
 -- Who may execute what: every (function, role) pair for the API roles, the service and the analyst.
 select set_eq(

@@ -1,0 +1,281 @@
+"""``saju-billing bench scale``: billing at N subscribers, in durable mode, timed from the client.
+
+Loads N subscribers with the bulk loader into a database of its own (anchors spread over 30 days
+from START, so one day's renewals are N/30), then measures:
+
+* ``idle_tick_ms``: ``select billing.tick()`` with nothing due, each in a new session (as pg_cron
+  runs it); median of the runs.
+* ``api_call_ms``: each ``api.*`` function as a signed-in subscriber; the slowest function's median.
+* ``due_to_attempts_s``: one day's renewals due at once; the ticks that turn them into claimable
+  attempts, back to back, and the time until the last of them committed at pg_cron's cadence (one
+  tick a minute).
+* ``steady_tick_ms``: the clock moved a minute at a time after that, each tick renewing what a
+  minute brings; median.
+
+Times include the loopback round trip. Results go to ``bench-results/scale.json`` and a readable
+``bench-results/scale.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from service.bench import loader
+from service.runtime import testdb
+from service.runtime.cluster import ADMIN_USER, Runtime
+
+START = datetime(2028, 1, 1, 0, 0, tzinfo=UTC)
+SPREAD = timedelta(days=30)
+CRON_INTERVAL_S = 60.0
+API_CALLS = (
+    "api.my_subscription()",
+    "api.my_payments()",
+    "api.my_credits()",
+    "api.consume_credit('bench')",
+    "api.cancel_subscription()",
+    "api.resume_subscription()",
+    "api.begin_registration('pro')",
+)
+SETTINGS = (
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "shared_buffers",
+    "work_mem",
+    "effective_cache_size",
+    "max_connections",
+    "wal_level",
+)
+TABLES = (
+    "subscriptions",
+    "billing_periods",
+    "charge_attempts",
+    "payments",
+    "credit_grants",
+    "notifications",
+    "events",
+)
+
+Conn = psycopg.Connection[TupleRow]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _timed(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def _scalar(conn: Conn, query: str, params: Any = None) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return None if row is None else row[0]
+
+
+def _tick(conn: Conn) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    result: dict[str, Any] = _scalar(conn, "select billing.tick()")
+    return time.perf_counter() - started, result
+
+
+def _idle_ticks(rt: Runtime, dbname: str, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
+            elapsed, result = _tick(conn)
+            assert result["renewals"] == 0, result
+            times.append(elapsed)
+    return times
+
+
+def _api_calls(rt: Runtime, dbname: str, n: int, samples: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {call: [] for call in API_CALLS}
+    with psycopg.connect(rt.dsn(dbname, "postgres")) as conn:
+        for k in range(samples):
+            sub = loader.user_id("load-", (k * 7919) % n)
+            claims = json.dumps({"sub": sub, "role": "authenticated", "email": f"{sub}@x.test"})
+            for call in API_CALLS:
+                with conn.transaction():
+                    conn.execute("set local role authenticated")
+                    conn.execute("select set_config('request.jwt.claims', %s, true)", (claims,))
+                    started = time.perf_counter()
+                    conn.execute(f"select {call}")
+                    times[call].append(time.perf_counter() - started)
+    return times
+
+
+def _burst(conn: Conn) -> dict[str, Any]:
+    conn.execute("select billing.set_test_clock(%s)", (START + timedelta(days=32),))
+    due = _scalar(
+        conn,
+        """select count(*) from billing.subscriptions
+            where status = 'active' and current_period_ends_at <= billing.now()""",
+    )
+    ticks: list[dict[str, Any]] = []
+    while True:
+        elapsed, result = _tick(conn)
+        ticks.append({"s": round(elapsed, 3), "renewals": result["renewals"]})
+        if result["renewals"] == 0:
+            break
+    working = [t for t in ticks if t["renewals"] > 0]
+    renewed = sum(t["renewals"] for t in working)
+    last = working[-1]["s"] if working else 0.0
+    return {
+        "due": due,
+        "renewed": renewed,
+        "ticks": working,
+        "work_s": round(sum(t["s"] for t in working), 3),
+        "longest_tick_s": max((t["s"] for t in working), default=0.0),
+        # pg_cron starts one tick a minute: the last batch commits (len - 1) minutes after the
+        # first tick started, plus its own duration.
+        "due_to_attempts_s": round((len(working) - 1) * CRON_INTERVAL_S + last, 3),
+        "claimable_attempts": _scalar(
+            conn, "select count(*) from billing.charge_attempts where status = 'queued'"
+        ),
+    }
+
+
+def _steady(conn: Conn, runs: int) -> tuple[list[float], list[int]]:
+    times, renewals = [], []
+    for _ in range(runs):
+        conn.execute("select billing.advance_test_clock('1 minute')")
+        elapsed, result = _tick(conn)
+        times.append(elapsed)
+        renewals.append(int(result["renewals"]))
+    return times, renewals
+
+
+def _environment(conn: Conn, rt: Runtime) -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo")
+    mem = meminfo.read_text().splitlines()[0] if meminfo.exists() else "unknown"
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "memory": mem.split(":", 1)[-1].strip(),
+            "python": sys.version.split()[0],
+            "psycopg": metadata.version("psycopg"),
+        },
+        "postgres": _scalar(conn, "select version()"),
+        "durable_mode": rt.durable,
+        "settings": {
+            name: _scalar(conn, "select current_setting(%s)", (name,)) for name in SETTINGS
+        },
+    }
+
+
+def _sizes(conn: Conn) -> dict[str, Any]:
+    return {
+        table: {
+            "rows": _scalar(conn, f"select count(*) from billing.{table}"),  # noqa: S608
+            "bytes": _scalar(
+                conn,
+                "select coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint"
+                "  from pg_class c where c.oid = %s::regclass"
+                "    or c.oid in (select inhrelid from pg_inherits where inhparent = %s::regclass)",
+                (f"billing.{table}", f"billing.{table}"),
+            ),
+        }
+        for table in TABLES
+    }
+
+
+def _median_ms(values: list[float]) -> float:
+    return _ms(statistics.median(values))
+
+
+def run(subscriptions: int, out_dir: Path, keep: bool = False) -> dict[str, Any]:
+    """Runs the benchmark; returns the results (also written to ``out_dir``)."""
+    rt = replace(Runtime.from_env(), durable=True)
+    rt.start()
+    dbname = testdb.clone(rt, testdb.migrated_template(rt), prefix="bench")
+    try:
+        with psycopg.connect(rt.dsn(dbname, ADMIN_USER), autocommit=True) as admin:
+            admin.execute("select billing.enable_test_clock()")
+            admin.execute("select billing.set_test_clock(%s)", (START,))
+            load_s = _timed(
+                lambda: loader.load_subscribers(admin, subscriptions, START, SPREAD, "load-")
+            )
+        with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
+            conn.execute("select billing.set_test_clock(%s)", (START + SPREAD,))
+            environment = _environment(conn, rt)
+            _tick(conn)  # the clock jump's own catch-up (registrations, notifications)
+            idle = _idle_ticks(rt, dbname, runs=10)
+            api = _api_calls(rt, dbname, subscriptions, samples=20)
+            burst = _burst(conn)
+            steady, steady_renewals = _steady(conn, runs=10)
+            sizes = _sizes(conn)
+        api_medians = {call: _median_ms(times) for call, times in api.items()}
+        results: dict[str, Any] = {
+            "benchmark": "scale",
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "subscriptions": subscriptions,
+            "figures": {
+                "api_call_ms": max(api_medians.values()),
+                "steady_tick_ms": _median_ms(steady),
+                "idle_tick_ms": _median_ms(idle),
+                "due_to_attempts_s": burst["due_to_attempts_s"],
+            },
+            "detail": {
+                "load_s": round(load_s, 1),
+                "api_call_ms_median": api_medians,
+                "api_call_ms_max": {call: _ms(max(times)) for call, times in api.items()},
+                "idle_tick_ms_runs": [_ms(t) for t in idle],
+                "steady_tick_ms_runs": [_ms(t) for t in steady],
+                "steady_tick_renewals": steady_renewals,
+                "burst": burst,
+                "sizes": sizes,
+            },
+            **environment,
+        }
+    finally:
+        if not keep:
+            testdb.drop(rt, dbname)
+        # Back to the fast mode the tests use.
+        replace(rt, durable=False).start()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "scale.txt").write_text(table(results))
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """The figures as a readable table."""
+    figures = results["figures"]
+    burst = results["detail"]["burst"]
+    rows = [
+        ("subscriptions", f"{results['subscriptions']:,}"),
+        ("api_call_ms (slowest api.* median)", f"{figures['api_call_ms']:.3f}"),
+        ("idle_tick_ms (new session, median)", f"{figures['idle_tick_ms']:.3f}"),
+        ("steady_tick_ms (median)", f"{figures['steady_tick_ms']:.3f}"),
+        ("due_to_attempts_s (one day's renewals)", f"{figures['due_to_attempts_s']:.3f}"),
+        ("  renewals due in the burst", f"{burst['due']:,}"),
+        (
+            "  ticks / work / longest tick (s)",
+            f"{len(burst['ticks'])} / {burst['work_s']} / {burst['longest_tick_s']}",
+        ),
+        ("load (s)", f"{results['detail']['load_s']}"),
+        ("durable mode", str(results["durable_mode"])),
+        ("postgres", str(results["postgres"]).split(" on ")[0]),
+    ]
+    rows += [
+        (f"  {call}", f"{ms:.3f}") for call, ms in results["detail"]["api_call_ms_median"].items()
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "".join(f"{name.ljust(width)}  {value}\n" for name, value in rows)
