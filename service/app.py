@@ -311,9 +311,9 @@ async def metrics(request: Request) -> Response:
     except Exception:  # metrics still answer when the database does not
         _log.warning("queue depths unavailable", exc_info=True)
     else:
-        for queue, (ready, leased) in depths.items():
-            s.metrics.queue_depth.labels(queue, "ready").set(ready)
-            s.metrics.queue_depth.labels(queue, "leased").set(leased)
+        for queue, states in depths.items():
+            for state, count in states.items():
+                s.metrics.queue_depth.labels(queue, state).set(count)
     return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -773,13 +773,16 @@ def service_record_key_rotated(
 # ------------------------------------------------------------------------------------ metrics
 
 
-def service_queue_depths() -> Call[dict[str, tuple[int, int]]]:
-    """Per queue: (ready to claim now, under a lease)."""
+def service_queue_depths() -> Call[dict[str, dict[str, int]]]:
+    """Per queue: rows ready to claim now, under a lease, and leased past their expiry."""
     return Call(
         "service_queue_depths",
-        "select queue, ready, leased from billing.service_queue_depths()",
+        "select queue, ready, leased, expired from billing.service_queue_depths()",
         {},
-        lambda rows: {r["queue"]: (int(r["ready"]), int(r["leased"])) for r in rows},
+        lambda rows: {
+            r["queue"]: {"ready": r["ready"], "leased": r["leased"], "expired": r["expired"]}
+            for r in rows
+        },
     )
 
 

@@ -37,7 +37,7 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "saju_queue_depth",
-            "Work per queue: ready to claim, or leased",
+            "Work per queue: ready to claim, leased, or leased past its expiry",
             ["queue", "state"],
             registry=r,
         )

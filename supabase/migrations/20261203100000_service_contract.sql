@@ -1911,41 +1911,52 @@ select cron.schedule('saju-billing-reconcile', '0 18 * * *', 'select billing.sch
 -- Queue depths for the service's /metrics: each count walks a partial index
 -- ---------------------------------------------------------------------------------------------
 create function billing.service_queue_depths()
-returns table (queue text, ready bigint, leased bigint)
+returns table (queue text, ready bigint, leased bigint, expired bigint)
 language sql
 stable
 security definer
 set search_path = ''
 as $$
+  -- expired: leased rows whose lease has run out and that the tick has not handed back yet.
   select 'charge_attempts',
          (select pg_catalog.count(*) from billing.charge_attempts where status in ('queued', 'unknown')
              and not_before <= billing.now()),
-         (select pg_catalog.count(*) from billing.charge_attempts where status = 'claimed')
+         (select pg_catalog.count(*) from billing.charge_attempts where status = 'claimed'),
+         (select pg_catalog.count(*) from billing.charge_attempts where status = 'claimed'
+             and lease_expires_at <= billing.now())
   union all
   select 'refunds',
          (select pg_catalog.count(*) from billing.refunds where status = 'requested' and not_before <= billing.now()),
-         (select pg_catalog.count(*) from billing.refunds where status = 'claimed')
+         (select pg_catalog.count(*) from billing.refunds where status = 'claimed'),
+         (select pg_catalog.count(*) from billing.refunds where status = 'claimed'
+             and lease_expires_at <= billing.now())
   union all
   select 'webhook_events',
          (select pg_catalog.count(*) from billing.webhook_events where status = 'received'
              and not_before <= billing.now()),
-         (select pg_catalog.count(*) from billing.webhook_events where status = 'processing')
+         (select pg_catalog.count(*) from billing.webhook_events where status = 'processing'),
+         (select pg_catalog.count(*) from billing.webhook_events where status = 'processing'
+             and lease_expires_at <= billing.now())
   union all
   select 'key_deletions',
          (select pg_catalog.count(*) from billing.key_deletions where status = 'requested'
              and not_before <= billing.now()),
-         (select pg_catalog.count(*) from billing.key_deletions where status = 'claimed')
+         (select pg_catalog.count(*) from billing.key_deletions where status = 'claimed'),
+         (select pg_catalog.count(*) from billing.key_deletions where status = 'claimed'
+             and lease_expires_at <= billing.now())
   union all
   select 'notifications',
          (select pg_catalog.count(*) from billing.notifications where delivered_at is null
-             and lease_owner is null),
+             and (lease_expires_at is null or lease_expires_at <= billing.now())),
          (select pg_catalog.count(*) from billing.notifications where delivered_at is null
-             and lease_owner is not null)
+             and lease_expires_at > billing.now()),
+         0::bigint  -- an expired notification lease is simply claimable again
 $$;
 revoke execute on function billing.service_queue_depths() from public;
 grant execute on function billing.service_queue_depths() to billing_service;
 comment on function billing.service_queue_depths() is
-  'Service (/metrics): per work queue, the rows ready to claim now and the rows under a lease. '
+  'Service (/metrics): per work queue, the rows ready to claim now, the rows under a lease, and the '
+  'leased rows whose lease ran out (a worker died or hangs; the tick hands them back). '
   'billing_service only. Raises nothing.';
 
 -- ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 from service import db
 from service.crypto import EnvelopeError, Keyring, SealedKey
 from service.runtime.cluster import Runtime
+from service.toss import FailureClass
 
 SHORT = timedelta(seconds=10)
 
@@ -552,7 +553,12 @@ def test_db_py_covers_every_service_function_with_its_sql_names(bl: Billing) -> 
 
 @pytest.mark.parametrize(
     ("enum", "sql_type"),
-    [(db.AttemptStatus, "billing.attempt_status"), (db.AttemptMode, "billing.attempt_mode")],
+    [
+        (db.AttemptStatus, "billing.attempt_status"),
+        (db.AttemptMode, "billing.attempt_mode"),
+        # toss.classify's labels are what service_record_charge_failure stores.
+        (FailureClass, "billing.failure_class"),
+    ],
 )
 def test_python_enums_are_the_sql_enums(bl: Billing, enum: Any, sql_type: str) -> None:
     labels = bl.scalar(f"select enum_range(null::{sql_type})::text[]")

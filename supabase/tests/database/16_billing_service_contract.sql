@@ -328,17 +328,21 @@ select results_eq(format($$ select s.awaiting_card, ca.payment_method_id, ca.not
 
 -- Queue depths for /metrics: whatever the database holds, counted per queue and state.
 select results_eq(
-  $$ select queue, ready + leased from billing.service_queue_depths() order by queue $$,
+  $$ select queue, ready + leased - expired from billing.service_queue_depths() order by queue $$,
   $$ select q, n from (values
        ('charge_attempts', (select count(*) from billing.charge_attempts
-                             where status = 'claimed' or (status in ('queued', 'unknown') and not_before <= billing.now()))),
+                             where (status = 'claimed' and lease_expires_at > billing.now())
+                                or (status in ('queued', 'unknown') and not_before <= billing.now()))),
        ('key_deletions', (select count(*) from billing.key_deletions
-                           where status = 'claimed' or (status = 'requested' and not_before <= billing.now()))),
+                           where (status = 'claimed' and lease_expires_at > billing.now())
+                              or (status = 'requested' and not_before <= billing.now()))),
        ('notifications', (select count(*) from billing.notifications where delivered_at is null)),
        ('refunds', (select count(*) from billing.refunds
-                     where status = 'claimed' or (status = 'requested' and not_before <= billing.now()))),
+                     where (status = 'claimed' and lease_expires_at > billing.now())
+                        or (status = 'requested' and not_before <= billing.now()))),
        ('webhook_events', (select count(*) from billing.webhook_events
-                            where status = 'processing' or (status = 'received' and not_before <= billing.now())))
+                            where (status = 'processing' and lease_expires_at > billing.now())
+                               or (status = 'received' and not_before <= billing.now())))
      ) v(q, n) order by q $$,
   'service_queue_depths: every queue''s ready and leased rows');
 
