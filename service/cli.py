@@ -345,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("action", choices=["up", "down", "status"])
     st.set_defaults(func=_stack)
 
+    from service import ops
+
+    ops.add_parser(sub)
+
     keys = sub.add_parser("keys", help="billing-key encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_action", required=True)
     gen = keys_sub.add_parser("generate", help="print a new keyring entry id:base64key")

@@ -800,6 +800,94 @@ def ops_configure_doorbell(service_url: str, doorbell_token: str) -> Call[Json]:
     )
 
 
+def _rows(rows: list[Row]) -> list[Row]:
+    return rows
+
+
+def ops_status() -> Call[Json]:
+    return Call(
+        "ops_status", "select billing.ops_status() as result", {}, lambda r: _one(r)["result"]
+    )
+
+
+def ops_history(subscriber: str) -> Call[list[Row]]:
+    return Call(
+        "ops_history",
+        "select * from billing.ops_history(subscriber => %(subscriber)s::text)",
+        {"subscriber": subscriber},
+        _rows,
+    )
+
+
+def ops_alerts(since: datetime | None = None, max_rows: int = 100) -> Call[list[Row]]:
+    return Call(
+        "ops_alerts",
+        "select * from billing.ops_alerts(since => %(since)s::timestamptz, "
+        "max_rows => %(max_rows)s::integer)",
+        {"since": since, "max_rows": max_rows},
+        _rows,
+    )
+
+
+def request_refund(payment_id: UUID, amount: int | None, reason: str) -> Call[UUID]:
+    return Call(
+        "request_refund",
+        "select billing.request_refund(payment_id => %(payment_id)s::uuid, "
+        "amount => %(amount)s::bigint, reason => %(reason)s::text) as result",
+        {"payment_id": payment_id, "amount": amount, "reason": reason},
+        lambda r: UUID(str(_one(r)["result"])),
+    )
+
+
+def cancel_subscription_now(subscription_id: UUID, prorate_refund: bool, reason: str) -> Call[Json]:
+    return Call(
+        "cancel_subscription_now",
+        "select billing.cancel_subscription_now(subscription_id => %(subscription_id)s::uuid, "
+        "prorate_refund => %(prorate_refund)s::boolean, reason => %(reason)s::text) as result",
+        {"subscription_id": subscription_id, "prorate_refund": prorate_refund, "reason": reason},
+        lambda r: _one(r)["result"],
+    )
+
+
+def retry_subscription_charge(subscription_id: UUID, reason: str) -> Call[UUID]:
+    return Call(
+        "retry_subscription_charge",
+        "select billing.retry_subscription_charge(subscription_id => %(subscription_id)s::uuid, "
+        "reason => %(reason)s::text) as result",
+        {"subscription_id": subscription_id, "reason": reason},
+        lambda r: UUID(str(_one(r)["result"])),
+    )
+
+
+def request_reconciliation(window_start: datetime, window_end: datetime) -> Call[UUID]:
+    return Call(
+        "request_reconciliation",
+        "select billing.request_reconciliation(window_start => %(window_start)s::timestamptz, "
+        "window_end => %(window_end)s::timestamptz) as result",
+        {"window_start": window_start, "window_end": window_end},
+        lambda r: UUID(str(_one(r)["result"])),
+    )
+
+
+def schedule_reconciliation() -> Call[UUID]:
+    """The previous Asia/Seoul day, by the database's clock, rung to the service at once."""
+    return Call(
+        "schedule_reconciliation",
+        "select billing.schedule_reconciliation() as result",
+        {},
+        lambda r: UUID(str(_one(r)["result"])),
+    )
+
+
+def ops_reconciliation_report(days: int = 30) -> Call[list[Row]]:
+    return Call(
+        "ops_reconciliation_report",
+        "select * from billing.ops_reconciliation_report(days => %(days)s::integer)",
+        {"days": days},
+        _rows,
+    )
+
+
 # ------------------------------------------------------------------------------- connections
 
 

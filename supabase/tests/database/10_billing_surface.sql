@@ -61,7 +61,7 @@ select functions_are('billing', array[
   -- operator and scheduler
   'request_refund', 'change_plan_price', 'cancel_subscription_now', 'retry_subscription_charge',
   'configure_plan_dunning', 'ring_service', 'tick', 'ops_configure_doorbell', 'request_reconciliation',
-  'schedule_reconciliation', 'ops_reconciliation_report',
+  'schedule_reconciliation', 'ops_reconciliation_report', 'ops_status', 'ops_history', 'ops_alerts',
   -- the scheduler's steps and the event log's partitions
   'tick_expire_registrations', 'tick_expire_leases', 'tick_end_at_period_end', 'tick_renew', 'tick_end_grace',
   'tick_expire_credits', 'tick_maintain_event_partitions', 'run_tick_step', 'seal_event_table',
