@@ -14,6 +14,10 @@
 --   window reads only that window's rows. Without a filter a view walks the whole history, which is
 --   one pass over the rows involved: acceptable for an analyst's query, not for a dashboard poll.
 
+-- Lets the owner (and tests) read the views as the analyst with SET ROLE, which is the only way to
+-- see what the analyst sees (a function inside a view runs with the reader's privileges).
+grant analyst to postgres;
+
 -- ---------------------------------------------------------------------------------------------
 -- Indexes for the time ranges the views read (small partial indexes where a status narrows them)
 -- ---------------------------------------------------------------------------------------------
