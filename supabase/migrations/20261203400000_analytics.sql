@@ -141,11 +141,11 @@ comment on view analytics.subscribers_by_status is
 
 create view analytics.subscription_movements_by_month
 with (security_barrier = true) as
-select c.month, n.new_subscriptions, n.reactivated, ch.churned, ch.churned_voluntary,
-       ch.churned_involuntary, n.new_subscriptions + n.reactivated - ch.churned as net_change
+select c.month, n.first_paid - n.reactivated as new_subscriptions, n.reactivated, ch.churned,
+       ch.churned_voluntary, ch.churned_involuntary, n.first_paid - ch.churned as net_change
   from analytics.calendar_months c
  cross join lateral (
-   select pg_catalog.count(*) filter (where not e.earlier) as new_subscriptions,
+   select pg_catalog.count(*) as first_paid,
           pg_catalog.count(*) filter (where e.earlier) as reactivated
      from billing.billing_periods f
      join billing.subscriptions s on s.id = f.subscription_id
