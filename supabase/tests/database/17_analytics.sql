@@ -278,17 +278,18 @@ create temp table v_rev_month as select * from analytics.revenue_by_month;
 create temp table v_cohorts as select * from analytics.cohort_retention;
 create temp table v_credits as select * from analytics.credits_by_month;
 create temp table v_recent as select * from analytics.revenue_by_month where month >= date '2028-03-01';
--- Every billing table, tried as the analyst: each read must be refused.
+-- Every billing relation (and any partition of one), tried as the analyst: each read must be refused.
 create temp table v_billing_reads (relname text, outcome text);
 do $$
 declare
   t text;
 begin
-  for t in select c.relname from pg_catalog.pg_class c
-            where c.relnamespace = 'billing'::regnamespace and c.relkind in ('r', 'v', 'm') order by 1
+  for t in select c.oid::regclass::text from pg_catalog.pg_class c
+            where c.relnamespace in (select n.oid from pg_catalog.pg_namespace n where n.nspname like 'billing%')
+              and c.relkind in ('r', 'p', 'v', 'm') order by 1
   loop
     begin
-      execute format('select 1 from billing.%I limit 1', t);
+      execute format('select 1 from %s limit 1', t);
       insert into v_billing_reads values (t, 'read');
     exception when insufficient_privilege then
       insert into v_billing_reads values (t, 'refused');
@@ -335,13 +336,19 @@ select is_empty(
         and has_table_privilege(r.rolname, c.oid, 'select, insert, update, delete, truncate, references, trigger') $$,
   'anon, authenticated, billing_service and service_role reach no analytics view');
 select is_empty(
-  $$ select c.relname from pg_class c
-      where c.relnamespace = 'billing'::regnamespace and c.relkind in ('r', 'p', 'v', 'm', 'S')
+  $$ select c.oid::regclass from pg_class c
+      where c.relnamespace in (select n.oid from pg_namespace n where n.nspname like 'billing%')
+        and c.relkind in ('r', 'p', 'v', 'm', 'S')
         and has_table_privilege('analyst', c.oid, 'select, insert, update, delete, truncate, references, trigger') $$,
   'the analyst holds no privilege on any billing relation');
 select is_empty($$ select relname from v_billing_reads where outcome <> 'refused' $$,
   'reading any billing table as the analyst is refused');
-select ok((select count(*) from v_billing_reads) >= 18, 'every billing table was tried');
+select ok((select count(*) from v_billing_reads) >= 18
+          and (select count(*) from v_billing_reads)
+              = (select count(*) from pg_class c
+                  where c.relnamespace in (select n.oid from pg_namespace n where n.nspname like 'billing%')
+                    and c.relkind in ('r', 'p', 'v', 'm')),
+  'every billing table was tried');
 select is_empty(
   $$ select table_name, column_name from information_schema.columns
       where table_schema = 'analytics'
