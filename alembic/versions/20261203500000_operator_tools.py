@@ -6,7 +6,7 @@ Runs supabase/migrations/20261203500000_operator_tools.sql unchanged.
 from service.runtime.migrations import run_revision
 
 revision = "20261203500000"
-down_revision = "20261203300000"
+down_revision = "20261203400000"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,19 @@
+"""analytics
+
+Runs supabase/migrations/20261203400000_analytics.sql unchanged.
+"""
+
+from service.runtime.migrations import run_revision
+
+revision = "20261203400000"
+down_revision = "20261203300000"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_revision(revision)
+
+
+def downgrade() -> None:
+    raise NotImplementedError("migrations are forward-only")
