@@ -84,7 +84,8 @@ begin
      set status = case when ca.claim_mode = 'charge' and billing.resend_allowed(ca.id)
                        then 'queued'::billing.attempt_status else 'unknown' end,
          status_reason = 'lease of ' || ca.lease_owner || ' expired', claim_mode = null, lease_owner = null,
-         lease_expires_at = null, not_before = v_now
+         -- The token goes with the lease: a late result from its holder is refused, not replayed.
+         lease_expires_at = null, lease_token = null, not_before = v_now
    where ca.id in (select x.id from billing.charge_attempts x
                     where x.status = 'claimed' and x.lease_expires_at <= v_now
                     order by x.lease_expires_at limit batch for update skip locked);

@@ -99,6 +99,25 @@ def test_a_late_decline_from_an_expired_lease_is_refused_and_changes_nothing(
     assert len(toss.payments) == 2  # one per period: first charge and this renewal
 
 
+def test_an_expired_lease_is_refused_even_before_anyone_claims_again(
+    bl: Billing, toss: FakeToss
+) -> None:
+    _renewal_due(bl, toss)
+    [w1] = bl.run(db.service_claim_attempts("worker-1", 1, SHORT))
+    bl.advance(timedelta(seconds=11))
+    bl.tick()  # handed back: queued for the same request, nobody holds it
+    before = _state(bl)
+    for late in (
+        db.service_record_charge_unknown(w1.attempt_id, w1.lease_token, "read timeout"),
+        db.service_record_charge_failure(
+            w1.attempt_id, w1.lease_token, "IDEMPOTENT_REQUEST_PROCESSING", None, "unprocessed"
+        ),
+    ):
+        with raises_sqlstate("SB409"):
+            bl.run(late)
+    assert _state(bl) == before
+
+
 def test_a_late_approval_from_an_expired_lease_is_still_recorded(
     bl: Billing, toss: FakeToss
 ) -> None:
