@@ -45,19 +45,20 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from service.runtime import migrations, supervisor
-    from service.runtime.cluster import Runtime
+    from pathlib import Path
 
-    rt = Runtime.from_env()
-    rt.start()
-    supervisor.ensure_networker(rt)
-    migrations.upgrade(rt.dsn())
-    print("saju-billing local runtime is up and migrated.")
-    print(f"  database : {rt.dsn()}")
-    print("  psql     : .venv/bin/saju-billing db psql")
-    print("  status   : .venv/bin/saju-billing db status")
-    print("  stop     : .venv/bin/saju-billing db stop")
-    return 0
+    from service.demo.run import Options, main
+
+    return main(
+        Options(
+            subscribers=args.subscribers,
+            months=args.months,
+            seed=args.seed,
+            browser=args.browser,
+            out_dir=Path(args.out) if args.out else None,
+            fresh=args.fresh,
+        )
+    )
 
 
 def _networker(args: argparse.Namespace) -> int:
@@ -197,7 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to psql")
     db.set_defaults(func=_db)
 
-    demo = sub.add_parser("demo", help="bring the local runtime up, migrate it, show the way in")
+    demo = sub.add_parser(
+        "demo",
+        help="simulate months of billing through the whole local stack, then write a report",
+    )
+    demo.add_argument("--subscribers", type=int, default=300, help="how many (default 300)")
+    demo.add_argument("--months", type=int, default=12, help="how many months (default 12)")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the subscribers' mix")
+    demo.add_argument(
+        "--browser", type=int, default=3, help="cards registered in headless Chromium (default 3)"
+    )
+    demo.add_argument("--out", default=None, help="report directory (default .local/demo)")
+    demo.add_argument(
+        "--fresh",
+        action="store_true",
+        help="throw the local database away first (the demo needs one without billing data)",
+    )
     demo.set_defaults(func=_demo)
 
     nw = sub.add_parser("net-worker", help="run the pg_net-compatible worker in the foreground")
