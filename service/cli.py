@@ -47,7 +47,11 @@ def _db(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from service.demo.run import Options, main
+    try:
+        from service.demo.run import Options, main
+    except ImportError as exc:
+        print(f"saju-billing demo: {exc} (pip install -e '.[demo]')", file=sys.stderr)
+        return 2
 
     return main(
         Options(

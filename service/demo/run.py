@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -360,6 +360,9 @@ class Demo:
 
 def main(options: Options) -> int:
     console = Console(highlight=False, soft_wrap=True)
+    if options.subscribers < 1 or not 1 <= options.months <= 60 or options.browser < 0:
+        console.print("saju-billing demo: --subscribers >= 1, --months 1..60, --browser >= 0")
+        return 2
     demo = Demo(options, console)
     began = time.monotonic()
     try:
@@ -368,8 +371,9 @@ def main(options: Options) -> int:
         console.print(f"[bold red]saju-billing demo:[/] {exc}")
         return 2
     out = options.out_dir or demo.rt.root / ".local" / "demo"
-    paths = render.write(result, out, demo.tally.__dict__)
-    console.print(render.text(result, demo.tally.__dict__))
+    people = asdict(demo.tally)
+    paths = render.write(result, out, people)
+    console.print(render.text(result, people), markup=False)
     console.print(f"[bold]Done[/] in {time.monotonic() - began:.0f} s; the report:")
     for p in paths:
         console.print(f"  {p}")
