@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -22,7 +23,14 @@ from zoneinfo import ZoneInfo
 import httpx
 import psycopg
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from service import db
 from service.demo import actors, render, report
@@ -75,6 +83,18 @@ def add_months(start: datetime, months: int) -> datetime:
     return start.replace(year=start.year + total // 12, month=total % 12 + 1)
 
 
+@dataclass(frozen=True)
+class Wires:
+    """The demo's ways into the running system."""
+
+    owner: psycopg.Connection[Any]  # operator, scheduler; subscribers' signed-in transactions
+    service: psycopg.Connection[Any]  # as billing_service: the queue depths
+    toss: httpx.Client  # the sandbox, as the merchant (and as Toss itself)
+    web: httpx.Client  # a browser without JavaScript
+    ep: Endpoints
+    browser: actors.Browser | None  # headless Chromium for a handful of cards
+
+
 class Demo:
     def __init__(self, options: Options, console: Console) -> None:
         self.o = options
@@ -101,37 +121,42 @@ class Demo:
             secret_key=stack_mod.DOCS_SECRET_KEY,
         )
 
-    def start_clock(self, conn: psycopg.Connection[Any], api: httpx.Client) -> datetime:
-        if db.run_sync(conn, actors.holds_billing_data()):
+    def start_clock(self, owner: psycopg.Connection[Any], toss: httpx.Client) -> datetime:
+        if db.run_sync(owner, actors.holds_billing_data()):
             raise DemoError(
                 "the main database already holds billing data (an earlier demo?), and the demo "
                 "needs an empty one.\n  Start fresh: saju-billing demo --fresh   "
                 "(or: saju-billing stack down && saju-billing db reset, then run the demo again)"
             )
         # The sandbox keeps its state in memory; with an empty database none of it is ours.
-        api.post("/_sandbox/reset", json={})
+        toss.post("/_sandbox/reset", json={})
         start = first_of_next_month(datetime.now(KST))
         try:
-            db.run_sync(conn, actors.start_test_clock(start))
+            db.run_sync(owner, actors.start_test_clock(start))
         except db.Forbidden as exc:
             raise DemoError(f"{exc}\n  Start fresh: saju-billing demo --fresh") from None
-        sandbox_now = datetime.fromisoformat(api.get("/_sandbox/clock").json()["now"])
-        self._advance_sandbox(api, start - sandbox_now)
+        sandbox_now = datetime.fromisoformat(toss.get("/_sandbox/clock").json()["now"])
+        self._advance_sandbox(toss, start - sandbox_now)
         return start
 
     @staticmethod
-    def _advance_sandbox(api: httpx.Client, by: timedelta) -> None:
+    def _advance_sandbox(toss: httpx.Client, by: timedelta) -> None:
         if by > timedelta(0):
-            api.post("/_sandbox/clock/advance", json={"seconds": by.total_seconds()})
+            toss.post("/_sandbox/clock/advance", json={"seconds": by.total_seconds()})
+
+    def next_day(self, w: Wires) -> None:
+        """Both clocks one day on: the database's test clock and the sandbox's."""
+        db.run_sync(w.owner, actors.advance_test_clock(timedelta(days=1)))
+        self._advance_sandbox(w.toss, timedelta(days=1))
 
     # ------------------------------------------------------------------------------ waiting
 
-    def settle(
-        self, conn: psycopg.Connection[Any], svc: psycopg.Connection[Any], api: httpx.Client
-    ) -> None:
+    def settle(self, w: Wires) -> None:
         """Rings (tick) and waits until the service has nothing left to do, including webhooks the
         sandbox is still sending."""
-        self._tick(conn)
+        # pg_cron's own tick may hold the lock this very moment: then ours comes right after.
+        while db.run_sync(w.owner, actors.tick()).get("skipped"):
+            time.sleep(0.05)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         quiet = 0
         while quiet < 2:
@@ -140,42 +165,23 @@ class Demo:
                     f"the service did not drain its queues within {DRAIN_TIMEOUT_S:.0f} s; "
                     f"see its log in {self.stack.dir}"
                 )
-            busy = db.run_sync(svc, actors.work_left()) or actors.webhooks_pending(api)
-            if busy:
+            if db.run_sync(w.service, actors.work_left()) or actors.webhooks_pending(w.toss):
                 quiet = 0
                 time.sleep(0.02)
             else:
                 quiet += 1
                 time.sleep(0.01)
 
-    def _tick(self, conn: psycopg.Connection[Any]) -> None:
-        # pg_cron's own tick may hold the lock this very moment: then ours comes right after.
-        while db.run_sync(conn, actors.tick()).get("skipped"):
-            time.sleep(0.05)
-
     # ------------------------------------------------------------------------------ people
 
-    def register(
-        self,
-        conn: psycopg.Connection[Any],
-        web: httpx.Client,
-        ep: Endpoints,
-        sub: Subscriber,
-        card: str,
-        browser: actors.Browser | None,
-    ) -> None:
-        customer_key = actors.begin_registration(conn, sub.user_id, sub.email)
-        if browser is not None:
-            browser.register_card(ep, customer_key, card)
+    def register(self, w: Wires, sub: Subscriber, card: str, browser: bool = False) -> None:
+        customer_key = actors.begin_registration(w.owner, sub.user_id, sub.email)
+        if browser and w.browser is not None:
+            w.browser.register_card(w.ep, customer_key, card)
         else:
-            actors.register_card_http(web, ep, customer_key, card)
+            actors.register_card_http(w.web, w.ep, customer_key, card)
 
-    def new_card(self, sub: Subscriber) -> str:
-        n = self.cards_used.get(sub.user_id, 0) + 1
-        self.cards_used[sub.user_id] = n
-        return sub.good_card(n)
-
-    def _try(self, what: str, action: Callable[[], None]) -> bool:
+    def _try(self, what: str, action: Callable[[], object]) -> bool:
         try:
             action()
         except db.BillingError:
@@ -185,21 +191,13 @@ class Demo:
         return True
 
     def act(
-        self,
-        day: int,
-        cast: list[Subscriber],
-        conn: psycopg.Connection[Any],
-        web: httpx.Client,
-        api: httpx.Client,
-        ep: Endpoints,
-        browser: actors.Browser | None,
-        status: Callable[[str], None],
+        self, w: Wires, day: int, cast: list[Subscriber], status: Callable[[str], None]
     ) -> None:
-        live = db.run_sync(conn, actors.live_subscriptions())
+        live = db.run_sync(w.owner, actors.live_subscriptions())
         joining = [s for s in cast if s.join_day == day]
         for i, sub in enumerate(joining, 1):
             status(f"sign-ups {i}/{len(joining)}")
-            self.register(conn, web, ep, sub, sub.card, browser if sub.browser else None)
+            self.register(w, sub, sub.card, browser=sub.browser)
             self.tally.joined += 1
         for sub in cast:
             s = live.get(sub.user_id)
@@ -209,7 +207,7 @@ class Demo:
             if (
                 sub.cancel_day == day
                 and not s.cancel_at_period_end
-                and self._try("cancel", partial(actors.cancel_subscription, conn, user))
+                and self._try("cancel", partial(actors.cancel_subscription, w.owner, user))
             ):
                 self.tally.cancels += 1
             if (
@@ -217,46 +215,37 @@ class Demo:
                 and sub.cancel_day is not None
                 and day == sub.cancel_day + sub.resume_after_days
                 and s.cancel_at_period_end
-                and self._try("resume", partial(actors.resume_subscription, conn, user))
+                and self._try("resume", partial(actors.resume_subscription, w.owner, user))
             ):
                 self.tally.resumes += 1
             if sub.refund_day == day:
-                self._refund(conn, sub)
-            if sub.key_delete_day == day and actors.delete_billing_key(api, s.customer_key):
+                self._refund(w, sub)
+            if sub.key_delete_day == day and actors.delete_billing_key(w.toss, s.customer_key):
                 self.tally.keys_deleted += 1
             if s.status == "active" and sub.credits_per_month:
-                self._use_credits(conn, sub, day)
+                self._use_credits(w, sub, day)
 
-    def _refund(self, conn: psycopg.Connection[Any], sub: Subscriber) -> None:
-        payment = db.run_sync(conn, actors.latest_refundable_payment(sub.user_id))
+    def _refund(self, w: Wires, sub: Subscriber) -> None:
+        payment = db.run_sync(w.owner, actors.latest_refundable_payment(sub.user_id))
         if payment is None:
             return
         reason = "charged by mistake" if sub.refund_amount is None else "goodwill: service outage"
-
-        def refund() -> None:
-            db.run_sync(conn, actors.request_refund(payment, sub.refund_amount, reason))
-
-        if self._try("refund", refund):
+        call = actors.request_refund(payment, sub.refund_amount, reason)
+        if self._try("refund", partial(db.run_sync, w.owner, call)):
             self.tally.refunds += 1
 
-    def _use_credits(self, conn: psycopg.Connection[Any], sub: Subscriber, day: int) -> None:
+    def _use_credits(self, w: Wires, sub: Subscriber, day: int) -> None:
         # Spread over the month: on day d, the uses due by d minus those due by d - 1.
         due = (day + 1) * sub.credits_per_month // 30 - day * sub.credits_per_month // 30
+        use = partial(actors.consume_credit, w.owner, sub.user_id, _USE)
         for _ in range(due):
             self.tally.credits_tried += 1
-            if not self._try("credit", lambda: actors.consume_credit(conn, sub.user_id, _USE)):
+            if not self._try("credit", use):
                 self.tally.credits_refused += 1
 
-    def fix_cards(
-        self,
-        now: datetime,
-        cast: list[Subscriber],
-        conn: psycopg.Connection[Any],
-        web: httpx.Client,
-        ep: Endpoints,
-    ) -> int:
+    def fix_cards(self, w: Wires, now: datetime, cast: list[Subscriber]) -> int:
         """Subscribers asked for a card (or in dunning) who register a new one in time."""
-        live = db.run_sync(conn, actors.live_subscriptions())
+        live = db.run_sync(w.owner, actors.live_subscriptions())
         fixed = 0
         for sub in cast:
             s = live.get(sub.user_id)
@@ -265,7 +254,8 @@ class Demo:
             if self.fixed_since.get(sub.user_id) == s.trouble_since:
                 continue
             if now - s.trouble_since >= timedelta(days=sub.fix_after_days):
-                self.register(conn, web, ep, sub, self.new_card(sub), None)
+                n = self.cards_used[sub.user_id] = self.cards_used.get(sub.user_id, 0) + 1
+                self.register(w, sub, sub.good_card(n))
                 self.fixed_since[sub.user_id] = s.trouble_since
                 self.tally.cards_fixed += 1
                 fixed += 1
@@ -275,53 +265,36 @@ class Demo:
 
     def run(self) -> report.Report:
         ep = self.bring_up()
-        start = datetime.now(KST)
         with (
-            psycopg.connect(self.rt.dsn(), autocommit=True) as conn,
-            psycopg.connect(self.rt.dsn(), autocommit=True) as svc,
-            actors.toss(ep) as api,
+            psycopg.connect(self.rt.dsn(), autocommit=True) as owner,
+            psycopg.connect(self.rt.dsn(), autocommit=True) as service,
+            actors.toss(ep) as toss,
             httpx.Client(timeout=60) as web,
         ):
-            db.run_sync(svc, db.set_role("billing_service"))
-            start = self.start_clock(conn, api)
+            db.run_sync(service, db.set_role("billing_service"))
+            start = self.start_clock(owner, toss)
             end = add_months(start, self.o.months)
-            days = (end - start).days
-            cast = plan(self.o.subscribers, days, self.o.seed, self.o.browser)
+            cast = plan(self.o.subscribers, (end - start).days, self.o.seed, self.o.browser)
             self.console.print(
                 f"[bold]Simulating {self.o.months} months[/] from {start:%Y-%m-%d} with "
                 f"{len(cast)} subscribers (seed {self.o.seed}); each day: people act, "
                 "billing.tick() rings the service through pg_net, the service drains."
             )
-            browser = self._browser()
-            try:
-                self._months(start, days, cast, conn, svc, web, api, ep, browser)
-            finally:
-                if browser is not None:
-                    browser.__exit__(None, None, None)
-            self.settle(conn, svc, api)
-            result = report.build(conn, actors.ledger(api))
-        return result
+            with self._browser() as browser:
+                w = Wires(owner, service, toss, web, ep, browser)
+                self._months(w, start, cast)
+                self.settle(w)
+                return report.build(owner, actors.ledger(toss))
 
-    def _browser(self) -> actors.Browser | None:
+    def _browser(self) -> AbstractContextManager[actors.Browser | None]:
         if self.o.browser <= 0:
-            return None
+            return nullcontext()
         if not Path(actors.CHROMIUM).exists():
             self.console.print(f"[yellow]{actors.CHROMIUM} not found: every card goes over HTTP")
-            return None
+            return nullcontext()
         return actors.Browser()
 
-    def _months(
-        self,
-        start: datetime,
-        days: int,
-        cast: list[Subscriber],
-        conn: psycopg.Connection[Any],
-        svc: psycopg.Connection[Any],
-        web: httpx.Client,
-        api: httpx.Client,
-        ep: Endpoints,
-        browser: actors.Browser | None,
-    ) -> None:
+    def _months(self, w: Wires, start: datetime, cast: list[Subscriber]) -> None:
         columns = (
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -336,26 +309,25 @@ class Demo:
                 month_start = add_months(start, m)
                 month_days = (add_months(start, m + 1) - month_start).days
                 task = progress.add_task(f"{month_start:%Y-%m}", total=month_days, status="")
-
-                def status(text: str, task: Any = task) -> None:
-                    progress.update(task, status=text)
-
+                status = partial(_set_status, progress, task)
                 for _ in range(month_days):
-                    now = start + timedelta(days=day)
-                    self.act(day, cast, conn, web, api, ep, browser, status)
-                    self.settle(conn, svc, api)
-                    if self.fix_cards(now, cast, conn, web, ep):
-                        self.settle(conn, svc, api)
-                    live = db.run_sync(conn, actors.live_subscriptions())
+                    if day > 0:
+                        self.next_day(w)
+                    self.act(w, day, cast, status)
+                    self.settle(w)
+                    if self.fix_cards(w, start + timedelta(days=day), cast):
+                        self.settle(w)
+                    live = db.run_sync(w.owner, actors.live_subscriptions()).values()
                     status(
-                        f"{sum(s.status == 'active' for s in live.values())} active, "
-                        f"{sum(s.status == 'past_due' for s in live.values())} past due"
+                        f"{sum(s.status == 'active' for s in live)} active, "
+                        f"{sum(s.status == 'past_due' for s in live)} past due"
                     )
                     progress.advance(task)
                     day += 1
-                    if day < days:
-                        db.run_sync(conn, actors.advance_test_clock(timedelta(days=1)))
-                        self._advance_sandbox(api, timedelta(days=1))
+
+
+def _set_status(progress: Progress, task: TaskID, text: str) -> None:
+    progress.update(task, status=text)
 
 
 def main(options: Options) -> int:
