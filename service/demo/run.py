@@ -358,7 +358,7 @@ def main(options: Options) -> int:
         f"  database         {demo.rt.dsn()}\n"
         "  psql             .venv/bin/saju-billing db psql\n"
         "                   (the tables are in schema billing: \\dt billing.*)\n"
-        f"  logs             {st.dir}\n"
+        f"  logs             {st.dir}   (.venv/bin/saju-billing stack status)\n"
         "  stop             .venv/bin/saju-billing stack down\n"
         "  start over       .venv/bin/saju-billing demo --fresh"
     )
