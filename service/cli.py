@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -52,29 +51,26 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from service.runtime import migrations, supervisor
-    from service.runtime.api import DataApi
-    from service.runtime.cluster import Runtime
-    from service.runtime.signin import call_api, sign_in
+    from pathlib import Path
+
+    try:
+        from service.demo.run import Options, main
+    except ImportError as exc:
+        print(f"saju-billing demo: {exc} (pip install -e '.[demo]')", file=sys.stderr)
+        return 2
 
     # The demo claims durability: Supabase's settings (see Runtime.durable).
-    rt = replace(Runtime.from_env(), durable=True)
-    rt.start()
-    supervisor.ensure_networker(rt)
-    migrations.upgrade(rt.dsn())
-    api = DataApi.from_env(rt)
-    # A simulated subscriber, through the supabase client and the Data API as an app would.
-    subscriber = sign_in(api, "demo-subscriber@example.com")
-    credits = call_api(api, subscriber.access_token, "my_credits")
-    print("saju-billing local runtime is up (durable mode) and migrated.")
-    print(f"  database : {rt.dsn()}")
-    print(f"  data API : {api.url}  (anon and service_role keys: saju-billing db status)")
-    print(f"  sign in  : saju-billing token --user {subscriber.email}")
-    print(f"  {subscriber.email}: api.my_credits() -> balance {credits['balance']}")
-    print("  psql     : .venv/bin/saju-billing db psql")
-    print("  status   : .venv/bin/saju-billing db status")
-    print("  stop     : .venv/bin/saju-billing db stop")
-    return 0
+    os.environ.setdefault("SAJU_DB_DURABLE", "1")
+    return main(
+        Options(
+            subscribers=args.subscribers,
+            months=args.months,
+            seed=args.seed,
+            browser=args.browser,
+            out_dir=Path(args.out) if args.out else None,
+            fresh=args.fresh,
+        )
+    )
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -255,7 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to psql")
     db.set_defaults(func=_db)
 
-    demo = sub.add_parser("demo", help="bring the local runtime up, migrate it, show the way in")
+    demo = sub.add_parser(
+        "demo",
+        help="simulate months of billing through the whole local stack, then write a report",
+    )
+    demo.add_argument("--subscribers", type=int, default=300, help="how many (default 300)")
+    demo.add_argument("--months", type=int, default=12, help="how many months (default 12)")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the subscribers' mix")
+    demo.add_argument(
+        "--browser", type=int, default=3, help="cards registered in headless Chromium (default 3)"
+    )
+    demo.add_argument("--out", default=None, help="report directory (default .local/demo)")
+    demo.add_argument(
+        "--fresh",
+        action="store_true",
+        help="throw the local database away first (the demo needs one without billing data)",
+    )
     demo.set_defaults(func=_demo)
 
     tk = sub.add_parser(

@@ -1,0 +1,311 @@
+"""What the demo's people and Toss do to the running system, each through its real entry point.
+
+* Subscribers call the ``api`` functions in a session signed in with their JWT claims (role
+  ``authenticated`` + ``request.jwt.claims``, as PostgREST sets them). ``begin_registration`` is
+  the one place a subscriber starts a card registration, so a Data API client can replace it.
+* A card is registered the way a browser does it: the service's hosted card page, the Toss SDK's
+  card window (the sandbox's stand-in), the success redirect back to the service, which issues
+  the billing key. ``register_card_http`` follows the redirects by hand; ``Browser`` clicks
+  through them in headless Chromium.
+* The operator and the scheduler call ``billing.*`` as the owner; the demo reads queue depths as
+  the service role.
+* Toss deletes a billing key with ``DELETE /v1/billing/{billingKey}`` at the sandbox, which then
+  sends ``BILLING_DELETED`` to the service.
+
+Every SQL statement the driver sends is here, one named ``db.Call`` each.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+from uuid import UUID
+
+import httpx
+import psycopg
+
+from service import db
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says why and what to do."""
+
+
+def _scalar(rows: list[db.Row]) -> Any:
+    return next(iter(rows[0].values()))
+
+
+# ------------------------------------------------------------------------------ subscribers
+
+
+def _as_subscriber(conn: psycopg.Connection[Any], user_id: str, email: str | None) -> None:
+    """Signs the current transaction in as the subscriber (what PostgREST does per request)."""
+    claims = {"sub": user_id, "role": "authenticated", **({"email": email} if email else {})}
+    conn.execute(
+        "select pg_catalog.set_config('role', 'authenticated', true), "
+        "pg_catalog.set_config('request.jwt.claims', %(claims)s::text, true)",
+        {"claims": json.dumps(claims)},
+    )
+
+
+def _api(conn: psycopg.Connection[Any], user_id: str, email: str | None, call: db.Call[Any]) -> Any:
+    with conn.transaction():
+        _as_subscriber(conn, user_id, email)
+        return db.run_sync(conn, call)
+
+
+def begin_registration(conn: psycopg.Connection[Any], user_id: str, email: str) -> str:
+    """``api.begin_registration('pro')`` as the signed-in subscriber; returns the customerKey."""
+    call: db.Call[Any] = db.Call(
+        "begin_registration",
+        "select api.begin_registration(plan => %(plan)s::text) as result",
+        {"plan": "pro"},
+        lambda rows: _scalar(rows)["customerKey"],
+    )
+    customer_key: str = _api(conn, user_id, email, call)
+    return customer_key
+
+
+def cancel_subscription(conn: psycopg.Connection[Any], user_id: str) -> None:
+    call: db.Call[None] = db.Call(
+        "cancel_subscription", "select api.cancel_subscription()", {}, lambda rows: None
+    )
+    _api(conn, user_id, None, call)
+
+
+def resume_subscription(conn: psycopg.Connection[Any], user_id: str) -> None:
+    call: db.Call[None] = db.Call(
+        "resume_subscription", "select api.resume_subscription()", {}, lambda rows: None
+    )
+    _api(conn, user_id, None, call)
+
+
+def consume_credit(conn: psycopg.Connection[Any], user_id: str, reason: str) -> None:
+    call: db.Call[None] = db.Call(
+        "consume_credit",
+        "select api.consume_credit(reason => %(reason)s::text)",
+        {"reason": reason},
+        lambda rows: None,
+    )
+    _api(conn, user_id, None, call)
+
+
+# ---------------------------------------------------------------------- owner and scheduler
+
+
+def holds_billing_data() -> db.Call[bool]:
+    return db.Call(
+        "holds_billing_data",
+        "select exists (select 1 from billing.customers) or exists (select 1 from billing.payments)"
+        " as result",
+        {},
+        lambda rows: bool(_scalar(rows)),
+    )
+
+
+def start_test_clock(at: datetime) -> db.Call[datetime]:
+    """Enables the database's test clock and sets it (SB403 when it holds payments)."""
+    return db.Call(
+        "start_test_clock",
+        "select billing.enable_test_clock(), billing.set_test_clock(at => %(at)s::timestamptz)"
+        " as result",
+        {"at": at},
+        lambda rows: rows[0]["result"],
+    )
+
+
+def advance_test_clock(by: timedelta) -> db.Call[datetime]:
+    return db.Call(
+        "advance_test_clock",
+        "select billing.advance_test_clock(by => %(by)s::interval) as result",
+        {"by": by},
+        lambda rows: rows[0]["result"],
+    )
+
+
+def tick() -> db.Call[dict[str, Any]]:
+    """What the pg_cron job runs every minute; rings the service through pg_net."""
+    return db.Call("tick", "select billing.tick() as result", {}, lambda rows: _scalar(rows))
+
+
+def request_refund(payment_id: UUID, amount: int | None, reason: str) -> db.Call[UUID]:
+    return db.Call(
+        "request_refund",
+        "select billing.request_refund(payment_id => %(payment_id)s::uuid, "
+        "amount => %(amount)s::bigint, reason => %(reason)s::text) as result",
+        {"payment_id": payment_id, "amount": amount, "reason": reason},
+        lambda rows: rows[0]["result"],
+    )
+
+
+def latest_refundable_payment(user_id: str) -> db.Call[UUID | None]:
+    return db.Call(
+        "latest_refundable_payment",
+        "select p.id from billing.payments p where p.user_id = %(user_id)s::text and p.applied"
+        " and p.status = 'DONE' order by p.approved_at desc limit 1",
+        {"user_id": user_id},
+        lambda rows: rows[0]["id"] if rows else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSubscription:
+    user_id: str
+    status: str
+    awaiting_card: bool
+    cancel_at_period_end: bool
+    trouble_since: datetime | None  # past due since, or created (incomplete)
+    customer_key: str
+
+
+def live_subscriptions() -> db.Call[dict[str, LiveSubscription]]:
+    """The live subscription of every subscriber, by user id."""
+    return db.Call(
+        "live_subscriptions",
+        "select s.user_id, s.status::text as status, s.awaiting_card, s.cancel_at_period_end,"
+        " case s.status when 'past_due' then s.past_due_since"
+        "   when 'incomplete' then s.created_at end as trouble_since, pm.customer_key"
+        " from billing.subscriptions s"
+        " join billing.payment_methods pm on pm.id = s.payment_method_id"
+        " where s.status in ('incomplete', 'active', 'past_due')",
+        {},
+        lambda rows: {r["user_id"]: LiveSubscription(**r) for r in rows},
+    )
+
+
+def work_left() -> db.Call[int]:
+    """Rows the service could claim now or holds under a lease, over every queue (as the service
+    role: the same numbers as its /metrics)."""
+    return db.Call(
+        "work_left",
+        "select coalesce(sum(ready + leased), 0)::bigint as result"
+        " from billing.service_queue_depths()",
+        {},
+        lambda rows: int(_scalar(rows)),
+    )
+
+
+# ---------------------------------------------------------------------------- card pages
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    service_url: str
+    sandbox_url: str
+    client_key: str
+    secret_key: str
+
+
+def _window(ep: Endpoints, customer_key: str) -> dict[str, str]:
+    return {
+        "clientKey": ep.client_key,
+        "customerKey": customer_key,
+        "successUrl": f"{ep.service_url}/billing/success",
+        "failUrl": f"{ep.service_url}/billing/fail",
+    }
+
+
+def register_card_http(web: httpx.Client, ep: Endpoints, customer_key: str, card: str) -> None:
+    """The redirects a browser follows for one card, by hand (no JavaScript): the hosted card
+    page, the SDK's card window, the form post, the success redirect that issues the key."""
+    page = web.get(f"{ep.service_url}/billing/cards/{customer_key}")
+    if page.status_code != 200 or f"{ep.sandbox_url}/v2/standard" not in page.text:
+        raise DemoError(f"the hosted card page answered {page.status_code}")
+    window = _window(ep, customer_key)
+    form = web.get(f"{ep.sandbox_url}/v2/billing-auth", params=window)
+    if form.status_code != 200:
+        raise DemoError(f"the card window answered {form.status_code}")
+    submitted = web.post(
+        f"{ep.sandbox_url}/v2/billing-auth",
+        data={**window, "cardNumber": card, "expiry": "12/35", "identity": "900101"}
+        | {"action": "register"},
+    )
+    if submitted.status_code != 303:
+        raise DemoError(f"the card form answered {submitted.status_code}")
+    # The location carries the one-time authKey: followed, never printed.
+    back = web.get(submitted.headers["location"])
+    if back.status_code != 303 or "status=registered" not in back.headers.get("location", ""):
+        raise DemoError(f"the success redirect answered {back.status_code}: {back.text[:200]}")
+
+
+class Browser:
+    """Headless Chromium clicking through the hosted card page (a handful of registrations)."""
+
+    def __init__(self) -> None:
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self._browser = self._pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"],
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._browser.close()
+        self._pw.stop()
+
+    def register_card(self, ep: Endpoints, customer_key: str, card: str) -> None:
+        page = self._browser.new_page()
+        try:
+            page.goto(f"{ep.service_url}/billing/cards/{customer_key}")
+            page.click("#register")  # the page calls the SDK's requestBillingAuth
+            page.wait_for_url(f"{ep.sandbox_url}/v2/billing-auth?**")
+            page.fill("#cardNumber", " ".join(card[i : i + 4] for i in range(0, len(card), 4)))
+            page.fill("#expiry", "12/35")
+            page.fill("#identity", "900101")
+            # The success redirect goes through the service, then on to the app (not running).
+            with page.expect_request(lambda r: "status=registered" in r.url, timeout=60_000):
+                page.click("#submit")
+        finally:
+            page.close()
+
+
+# ------------------------------------------------------------------------------ Toss side
+
+
+@contextmanager
+def toss(ep: Endpoints) -> Iterator[httpx.Client]:
+    """The sandbox as the merchant sees it (Basic auth with the test secret key)."""
+    token = base64.b64encode(f"{ep.secret_key}:".encode()).decode()
+    with httpx.Client(
+        base_url=ep.sandbox_url, headers={"Authorization": f"Basic {token}"}, timeout=60
+    ) as client:
+        yield client
+
+
+def ledger(api: httpx.Client) -> list[dict[str, Any]]:
+    """The sandbox's record of every approval and cancel, without the billing keys."""
+    entries: list[dict[str, Any]] = api.get("/_sandbox/ledger").json()["entries"]
+    return [{k: v for k, v in e.items() if k != "billingKey"} for e in entries]
+
+
+def delete_billing_key(api: httpx.Client, customer_key: str) -> bool:
+    """Toss deletes the billing key of a customerKey (found in the sandbox's ledger); the
+    sandbox then sends BILLING_DELETED. False when that key was never charged."""
+    entries = api.get("/_sandbox/ledger").json()["entries"]
+    keys = {e["billingKey"] for e in entries if e["customerKey"] == customer_key}
+    for key in keys:
+        if api.delete(f"/v1/billing/{key}").status_code != 200:
+            return False
+    return bool(keys)
+
+
+def webhooks_pending(api: httpx.Client) -> int:
+    deliveries = api.get("/_sandbox/webhooks").json()["deliveries"]
+    return sum(1 for d in deliveries if d["state"] == "pending")
