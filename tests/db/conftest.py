@@ -5,25 +5,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from dbkit import Billing, FollowClock, TossSandbox, serve_sandbox
+from dbkit import Billing, TossSandbox, serve_sandbox
 
 from service.runtime.cluster import Runtime
 
 
 @pytest.fixture(scope="session")
-def sandbox_server() -> Iterator[tuple[str, FollowClock]]:
-    """One Toss sandbox for the session (its URL and clock); each test starts it afresh."""
-    with serve_sandbox() as server:
-        yield server
+def sandbox_server() -> Iterator[TossSandbox]:
+    """One Toss sandbox for the session; each test starts it afresh (``toss``)."""
+    with serve_sandbox() as (url, clock):
+        sandbox = TossSandbox(url, clock)
+        yield sandbox
+        sandbox.close()
 
 
 @pytest.fixture
-def toss(sandbox_server: tuple[str, FollowClock]) -> Iterator[TossSandbox]:
+def toss(sandbox_server: TossSandbox) -> TossSandbox:
     """Toss, with nothing in it yet: no keys, payments, faults or webhooks."""
-    sandbox = TossSandbox(*sandbox_server)
-    sandbox.reset()
-    yield sandbox
-    sandbox.close()
+    sandbox_server.reset()
+    return sandbox_server
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ from dbkit import (
     KEYRING,
     Answer,
     Billing,
-    FollowClock,
     Row,
     TossSandbox,
     billing_key_of,
@@ -1062,13 +1061,12 @@ class Run:
 def test_random_interleavings_keep_every_invariant(
     rt: Runtime,
     template: str,
-    sandbox_server: tuple[str, FollowClock],
+    sandbox_server: TossSandbox,
     start: datetime,
     ops: list[tuple[str, int, int]],
 ) -> None:
     dbname = testdb.clone(rt, template)
-    toss = TossSandbox(*sandbox_server)
-    run = Run(rt, dbname, start, toss)
+    run = Run(rt, dbname, start, sandbox_server)
     try:
         for a in range(2):  # two subscribers to start with; more come and go
             run.op_register(a, 0)
@@ -1079,5 +1077,4 @@ def test_random_interleavings_keep_every_invariant(
         run.settle()
     finally:
         run.close()
-        toss.close()
         testdb.drop(rt, dbname)
