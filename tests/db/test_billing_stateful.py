@@ -4,7 +4,7 @@ Each example is a fresh clone of the migrated database and a generated list of o
 only through the public SQL functions: subscribers (``api.*`` as ``authenticated`` with JWT
 claims) register and replace cards, cancel, resume and spend credits; the service
 (``billing.service_*`` through service/db.py as ``billing_service``) claims attempts, refunds,
-webhooks and key deletions, talks to a model of Toss and records what it saw with the lease token
+webhooks and key deletions, talks to the Toss sandbox and records what it heard with the lease token
 it was handed, sometimes late (after its lease expired: only approvals still count), twice, or
 never; the operator and pg_cron (the owner) tick with clock jumps from a
 minute to three months, move the test clock back, cancel at once with a prorated refund, refund
