@@ -261,13 +261,9 @@ class Billing:
         customer_key = reg["customerKey"]
         issued = self.sandbox.issue_billing_key(customer_key, card)
         billing_key = issued["billingKey"]
-        card_of = {
-            k: issued["card"][k]
-            for k in ("number", "issuerCode", "acquirerCode", "cardType", "ownerType")
-        }
         done = self.run(
             db.service_complete_registration(
-                customer_key, KEYRING.seal(billing_key, customer_key), card_of
+                customer_key, KEYRING.seal(billing_key, customer_key), card_of(issued)
             )
         )
         return {
@@ -384,6 +380,12 @@ class Billing:
             return db.WebhookOutcome.IGNORED
         self.run(db.service_apply_payment_snapshot(found.payment))
         return db.WebhookOutcome.PROCESSED
+
+
+def card_of(issued: Mapping[str, Any]) -> dict[str, Any]:
+    """The card of an issued billing key, as the service records it (service/app.py)."""
+    fields = ("number", "issuerCode", "acquirerCode", "cardType", "ownerType")
+    return {k: issued["card"][k] for k in fields}
 
 
 def result_of(row: db.ClaimedAttempt, answer: Answer) -> db.Call[db.Recorded]:

@@ -34,6 +34,7 @@ from dbkit import (
     Row,
     TossSandbox,
     billing_key_of,
+    card_of,
     kst,
     sha256_hex,
 )
@@ -368,11 +369,10 @@ class Run:
         issued = self.toss.issue_billing_key(reg["customerKey"])
         key = issued["billingKey"]
         self.key_order[key] = len(self.key_order)
-        card = {"number": issued["card"]["number"], "issuerCode": issued["card"]["issuerCode"]}
         done, err = self.attempt(
             lambda: self.bl.run(
                 db.service_complete_registration(
-                    reg["customerKey"], KEYRING.seal(key, reg["customerKey"]), card
+                    reg["customerKey"], KEYRING.seal(key, reg["customerKey"]), card_of(issued)
                 )
             ),
             () if expect_ok else ("SB409",),
