@@ -16,7 +16,7 @@ import jwt
 import psycopg
 import pytest
 from apikit import Statuses, client, snapshot
-from dbkit import KEYRING, Billing, FakeToss
+from dbkit import GOOD_CARD, KEYRING, Billing, TossSandbox, card_of, serve_sandbox
 from postgrest.exceptions import APIError
 
 from service import db
@@ -40,24 +40,20 @@ def refused(c: Any, fn: str, params: dict[str, Any] | None = None, schema: str =
 
 
 def complete_registration(rt: Runtime, dbname: str, customer_key: str) -> None:
-    """What the service does after Toss issues the billing key, then the first charge."""
-    bl = Billing(rt, dbname)
-    try:
-        billing_key = f"bk_{uuid.uuid4().hex}"
-        card = {
-            "number": "4330****1234",
-            "issuerCode": "61",
-            "cardType": "신용",
-            "ownerType": "개인",
-        }
-        sealed = KEYRING.seal(billing_key, customer_key)
-        bl.run(db.service_complete_registration(customer_key, sealed, {"card": card}))
-        [row] = bl.claim()
-        payment = FakeToss(bl).approve(row.order_id, row.amount, row.order_name)
-        result = bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, payment))
-        assert result.detail["applied"] is True
-    finally:
-        bl.close()
+    """What the service does after Toss (the sandbox) issues the billing key, then the first
+    charge at Toss."""
+    with serve_sandbox() as (url, clock):
+        toss = TossSandbox(url, clock)
+        bl = Billing(rt, dbname, toss)
+        try:
+            issued = toss.issue_billing_key(customer_key, GOOD_CARD)
+            sealed = KEYRING.seal(issued["billingKey"], customer_key)
+            bl.run(db.service_complete_registration(customer_key, sealed, card_of(issued)))
+            [row] = bl.claim()
+            assert bl.serve(row).detail["applied"] is True
+        finally:
+            bl.close()
+            toss.close()
 
 
 def subscribe(data_api: DataApi, who: SignedIn) -> None:
@@ -95,7 +91,7 @@ def test_the_subscriber_path_through_the_supabase_client(data_api: DataApi, user
             "pro",
             9900,
         )
-        assert sub["card"]["numberMasked"] == "4330****1234"
+        assert sub["card"]["numberMasked"] == "94100012****789*"  # as Toss masks GOOD_CARD
         [payment] = rpc(c, "my_payments")
         assert (payment["totalAmount"], payment["status"], payment["periodIndex"]) == (
             9900,

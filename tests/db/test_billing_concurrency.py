@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from dbkit import Billing, FakeToss, Row, kst, raises_sqlstate
+from dbkit import Billing, Row, kst, raises_sqlstate, refund_result_of, result_of
 from psycopg.rows import dict_row
 
 from service import db
@@ -94,13 +94,14 @@ CLAIMS: dict[str, tuple[ClaimCall, str]] = {
 }
 
 
-def approve(bl: Billing, toss: FakeToss, row: db.ClaimedAttempt) -> db.Recorded:
+def approve(bl: Billing, row: db.ClaimedAttempt) -> db.Recorded:
     """Toss approves a claimed charge and the service records it."""
-    payment = toss.approve(row.order_id, row.amount)
-    return bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, payment))
+    recorded = bl.serve(row)
+    assert recorded.status == "succeeded", recorded
+    return recorded
 
 
-def make_work(bl: Billing, toss: FakeToss, kind: str) -> int:
+def make_work(bl: Billing, kind: str) -> int:
     """Creates due work of one kind; returns how many rows are claimable."""
     if kind == "service_claim_attempts":
         return len([bl.register(f"a-{i}") for i in range(12)])
@@ -109,7 +110,7 @@ def make_work(bl: Billing, toss: FakeToss, kind: str) -> int:
         for i in range(4):
             bl.register(f"r-{i}")
         for row in bl.claim("setup", 10):
-            approve(bl, toss, row)
+            approve(bl, row)
             pay = bl.scalar(
                 "select id from billing.payments where attempt_id = %s", (row.attempt_id,)
             )
@@ -136,21 +137,17 @@ def make_work(bl: Billing, toss: FakeToss, kind: str) -> int:
         for i in range(8):
             bl.register(f"n-{i}")
         for row in bl.claim("setup", 10):
-            bl.run(
-                db.service_record_charge_failure(
-                    row.attempt_id, row.lease_token, "REJECT_CARD_PAYMENT", "x", "decline"
-                )
-            )
+            bl.serve(row, "REJECT_CARD_PAYMENT")
         return bl.scalar("select count(*) from billing.notifications")  # type: ignore[no-any-return]
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("claim", list(CLAIMS))
 def test_two_workers_never_claim_the_same_row(
-    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, claim: str
+    bl: Billing, rt: Runtime, dbname: str, claim: str
 ) -> None:
     bl.enable_clock(kst(2028, 1, 10, 10, 0))
-    total = make_work(bl, toss, claim)
+    total = make_work(bl, claim)
     assert total >= 6
     claim_call, key = CLAIMS[claim]
     with service_session(rt, dbname) as a, service_session(rt, dbname) as b:
@@ -199,11 +196,10 @@ def test_racing_workers_split_all_attempts(
 
 
 def test_concurrent_identical_success_applies_once(
-    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
+    bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     row = bl.claim("w", 1)[0]
-    payment = toss.approve(row.order_id, row.amount)
-    record = db.service_record_charge_success(row.attempt_id, row.lease_token, payment)
+    record = result_of(row, bl.call_toss(row))  # Toss approved it
     with service_session(rt, dbname) as first:
         one = db.run_sync(first, record)
         two = run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, record))
@@ -237,26 +233,25 @@ def test_concurrent_identical_success_applies_once(
 
 
 def test_concurrent_successes_of_two_attempts_pay_the_period_once(
-    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
+    bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     for row in bl.claim("w", 12):
-        approve(bl, toss, row)
+        approve(bl, row)
     bl.advance(timedelta(days=31))
     bl.tick()
     renewal, *others = bl.claim("w", 12)
     for row in others:
-        approve(bl, toss, row)
-    # Toss approved the renewal but the service heard a decline; the dunning retry is approved too.
-    payment_a = toss.approve(renewal.order_id, renewal.amount)
-    bl.run(
-        db.service_record_charge_failure(
-            renewal.attempt_id, renewal.lease_token, "REJECT_CARD_PAYMENT", "x", "decline"
-        )
-    )
+        approve(bl, row)
+    # The service heard a decline for the renewal, yet Toss approved the order (a request whose
+    # answer was lost to another sender); the dunning retry is approved too.
+    bl.serve(renewal, "REJECT_CARD_PAYMENT")
+    payment_a = bl.stray_charge(renewal).payment
     bl.advance(timedelta(days=1))
     retry = bl.claim("w", 1)[0]
     assert retry.period_id == renewal.period_id
-    payment_b = toss.approve(retry.order_id, retry.amount)
+    payment_b = bl.call_toss(retry).payment
+    assert payment_a is not None
+    assert payment_b is not None
     with service_session(rt, dbname) as first:
         paid = db.run_sync(first, db.service_apply_payment_snapshot(payment_b))
         late = run_blocked(
@@ -294,16 +289,14 @@ def test_concurrent_successes_of_two_attempts_pay_the_period_once(
 
 
 def test_concurrent_identical_decline_schedules_one_retry(
-    bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]], toss: FakeToss
+    bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     for row in bl.claim("w", 12):
-        approve(bl, toss, row)
+        approve(bl, row)
     bl.advance(timedelta(days=31))
     bl.tick()
     row = bl.claim("w", 1)[0]
-    record = db.service_record_charge_failure(
-        row.attempt_id, row.lease_token, "REJECT_CARD_PAYMENT", "limit", "decline"
-    )
+    record = result_of(row, bl.call_toss(row, "REJECT_CARD_PAYMENT"))
     with service_session(rt, dbname) as first:
         one = db.run_sync(first, record)
         two = run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, record))
@@ -335,26 +328,12 @@ def test_a_stale_lease_loses_the_race_to_the_new_holder(
     new = bl.claim("w-new", 12)
     [again] = [r for r in new if r.attempt_id == old.attempt_id]
     assert again.lease_token != old.lease_token
+    # Both sent the same request under the same key: Toss answered both with the same decline.
+    declined = bl.call_toss(again, "REJECT_CARD_PAYMENT")
     with service_session(rt, dbname) as first:
-        one = db.run_sync(
-            first,
-            db.service_record_charge_failure(
-                again.attempt_id, again.lease_token, "REJECT_CARD_PAYMENT", "limit", "decline"
-            ),
-        )
+        one = db.run_sync(first, result_of(again, declined))
         with raises_sqlstate("SB409"):
-            run_blocked(
-                bl,
-                rt,
-                dbname,
-                first,
-                lambda c: db.run_sync(
-                    c,
-                    db.service_record_charge_failure(
-                        old.attempt_id, old.lease_token, "REJECT_CARD_PAYMENT", "limit", "decline"
-                    ),
-                ),
-            )
+            run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, result_of(old, declined)))
     assert one.changed is True
     assert (
         bl.scalar(
@@ -367,20 +346,14 @@ def test_a_stale_lease_loses_the_race_to_the_new_holder(
 
 
 def test_concurrent_refund_results_apply_once(
-    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
+    bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     row = bl.claim("w", 1)[0]
-    payment = toss.approve(row.order_id, row.amount)
-    bl.run(db.service_record_charge_success(row.attempt_id, row.lease_token, payment))
-    pay_id = bl.scalar(
-        "select id from billing.payments where payment_key = %s", (payment["paymentKey"],)
-    )
+    approve(bl, row)
+    pay_id = bl.scalar("select id from billing.payments where attempt_id = %s", (row.attempt_id,))
     bl.billing("request_refund", pay_id, None, "full")
     claimed = bl.run(db.service_claim_refunds("w", 10))[0]
-    reply = toss.cancel(
-        payment["paymentKey"], claimed.cancel_amount, "full", str(claimed.refund_id)
-    )
-    record = db.service_record_refund_result(claimed.refund_id, claimed.lease_token, reply)
+    record = refund_result_of(claimed, bl.call_refund(claimed))  # Toss cancelled it
     with service_session(rt, dbname) as first:
         one = db.run_sync(first, record)
         two = run_blocked(bl, rt, dbname, first, lambda c: db.run_sync(c, record))
@@ -442,20 +415,20 @@ def cancel_as(c: psycopg.Connection[Row], user: str) -> Any:
     return row["result"]
 
 
-def renewal_due(bl: Billing, toss: FakeToss) -> str:
+def renewal_due(bl: Billing) -> str:
     """One subscriber whose first period is paid and whose renewal is queued; returns the user."""
     bl.enable_clock(kst(2028, 1, 10, 10, 0))
     bl.register("u")
-    approve(bl, toss, bl.claim("w", 1)[0])
+    approve(bl, bl.claim("w", 1)[0])
     bl.advance(timedelta(days=31))
     assert bl.tick()["renewals"] == 1
     return "u"
 
 
 def test_a_claim_passes_by_a_subscription_being_canceled(
-    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str
+    bl: Billing, rt: Runtime, dbname: str
 ) -> None:
-    user = renewal_due(bl, toss)
+    user = renewal_due(bl)
     with service_session(rt, dbname) as subscriber:
         out = cancel_as(subscriber, user)  # uncommitted: the subscription stays locked
         assert out["status"] == "canceled"  # nothing sent yet: it ends now
@@ -468,9 +441,9 @@ def test_a_claim_passes_by_a_subscription_being_canceled(
 
 
 def test_a_cancel_after_a_claim_waits_for_it_and_sees_the_charge_in_flight(
-    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str
+    bl: Billing, rt: Runtime, dbname: str
 ) -> None:
-    user = renewal_due(bl, toss)
+    user = renewal_due(bl)
     with service_session(rt, dbname) as worker:
         [row] = db.run_sync(worker, db.service_claim_attempts("w", 10))  # holds the subscription
         out = run_blocked(bl, rt, dbname, worker, lambda c: cancel_as(c, user))
@@ -480,11 +453,7 @@ def test_a_cancel_after_a_claim_waits_for_it_and_sees_the_charge_in_flight(
         True,
         True,
     )
-    recorded = bl.run(
-        db.service_record_charge_failure(
-            row.attempt_id, row.lease_token, "REJECT_CARD_PAYMENT", "limit", "decline"
-        )
-    )
+    recorded = bl.serve(row, "REJECT_CARD_PAYMENT")
     assert recorded.detail["next"]["action"] == "ended"
     assert bl.scalar("select status::text from billing.subscriptions") == "canceled"
     assert bl.claim("w", 10) == []
@@ -494,10 +463,10 @@ def test_a_cancel_after_a_claim_waits_for_it_and_sees_the_charge_in_flight(
 
 
 def test_concurrent_consume_credit_never_goes_below_zero(
-    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
+    bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     row = bl.claim("w", 1)[0]
-    approve(bl, toss, row)
+    approve(bl, row)
     user = bl.scalar(
         "select user_id from billing.subscriptions where id = %s", (row.subscription_id,)
     )
@@ -546,10 +515,10 @@ def test_concurrent_consume_credit_never_goes_below_zero(
 
 
 def test_overlapping_ticks_do_the_work_once(
-    bl: Billing, toss: FakeToss, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
+    bl: Billing, rt: Runtime, dbname: str, twelve: list[dict[str, Any]]
 ) -> None:
     for row in bl.claim("w", 12):
-        approve(bl, toss, row)
+        approve(bl, row)
     bl.advance(timedelta(days=31))
     with psycopg.connect(rt.dsn(dbname, "postgres"), row_factory=dict_row) as first:
         busy = first.execute("select billing.tick() as t").fetchone()

@@ -4,28 +4,40 @@ Each example is a fresh clone of the migrated database and a generated list of o
 only through the public SQL functions: subscribers (``api.*`` as ``authenticated`` with JWT
 claims) register and replace cards, cancel, resume and spend credits; the service
 (``billing.service_*`` through service/db.py as ``billing_service``) claims attempts, refunds,
-webhooks and key deletions, talks to a model of Toss and records what it saw with the lease token
+webhooks and key deletions, talks to the Toss sandbox and records what it heard with the lease token
 it was handed, sometimes late (after its lease expired: only approvals still count), twice, or
 never; the operator and pg_cron (the owner) tick with clock jumps from a
 minute to three months, move the test clock back, cancel at once with a prorated refund, refund
-and change the price. Toss is modelled faithfully enough to matter: one decision per orderId that
-re-sends replay, payments whose snapshots change with each cancel, cancels replayed per
-Idempotency-Key, deleted billing keys refused, webhooks delivered late, out of order and twice.
+and change the price. Toss is the project's sandbox, driven through its HTTP API: its answers
+(approvals, errors by ``TossPayments-Test-Code``, 429s and lost answers by its faults) are replayed
+per Idempotency-Key as Toss replays them, its keys are deleted for real, and its webhooks are
+delivered late, out of order and twice.
 
-After every operation the invariants of ARCHITECTURE §3 are checked in SQL (one query); at the
-end of each example the service settles all outstanding work and the ledger must agree with Toss.
+After every operation the invariants of ARCHITECTURE §3 are checked in SQL (one query) and
+against the sandbox's ledger: no period charged twice at Toss, and every approval at Toss in our
+ledger once its answer is written back. At the end of each example the service settles all
+outstanding work and the ledger must agree with Toss.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from dbkit import KEYRING, Billing, FakeToss, Row, kst, sha256_hex
+from dbkit import (
+    KEYRING,
+    Answer,
+    Billing,
+    Row,
+    TossSandbox,
+    billing_key_of,
+    card_of,
+    kst,
+    sha256_hex,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -43,8 +55,9 @@ PRICE_OFFSETS = (timedelta(0), MINUTE, DAY, 10 * DAY, 40 * DAY)
 LIVE = ("incomplete", "active", "past_due")
 
 # What happens to a charge the service sends (the first entry is what shrinking tends to).
-# "busy" is Toss not processing it (409/429: the same request again); "transient" and
-# "duplicated" are errors Toss processed (the key is spent: the order is looked up).
+# "busy" is Toss not processing it (409: the same request again); "transient" and "duplicated"
+# are errors Toss processed (the key is spent: the order is looked up). Each is made the way
+# Toss makes it, see CHARGE_HOW and Run.toss_charge.
 CHARGE = ("ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "decline", "decline", "decline",
           "transient", "busy", "timeout_after", "timeout_before", "dead", "ok", "ok", "bug",
           "charged_but_declined", "timeout_after", "charged_but_declined", "busy",
@@ -52,8 +65,30 @@ CHARGE = ("ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "decline", "decline", 
 # A lookup (GET by orderId) answers, is throttled (not processed: still unknown) or times out.
 LOOKUP = ("answer", "answer", "answer", "answer", "throttled", "timeout")
 REFUND = ("ok", "ok", "ok", "ok", "busy", "rejected", "ok", "refund_failed")
-# Charge outcomes Toss decides once per orderId (re-sends replay them).
-DECIDED_FAILURES = ("decline", "dead", "bug", "transient")
+# How the sandbox is made to answer (see dbkit.How): Toss's own error codes as
+# TossPayments-Test-Code, faults for 429s and lost answers.
+CHARGE_HOW = {
+    "ok": "ok",
+    "decline": "REJECT_CARD_PAYMENT",
+    "dead": "INVALID_STOPPED_CARD",
+    "bug": "NOT_MATCHES_CUSTOMER_KEY",
+    "transient": "FAILED_INTERNAL_SYSTEM_PROCESSING",
+    "busy": "IDEMPOTENT_REQUEST_PROCESSING",
+    "timeout_after": "lost",
+    "timeout_before": "unsent",
+    "charged_but_declined": "REJECT_CARD_PAYMENT",
+    "duplicated": "ok",
+}
+LOOKUP_HOW = {"answer": "ok", "throttled": "throttled", "timeout": "lost"}
+REFUND_HOW = {
+    "ok": "ok",
+    "busy": "IDEMPOTENT_REQUEST_PROCESSING",
+    "rejected": "REFUND_REJECTED",
+    "refund_failed": "FAILED_REFUND_PROCESS",
+}
+# Classes of an answer after which the database does not look the order up: an approval made
+# meanwhile by another request stays hidden from it until reconciliation.
+HIDING = ("decline", "needs_new_card", "bug")
 
 # ---------------------------------------------------------------------------------------------
 # The invariants, as one query: each row is a violation (rule, id).
@@ -221,29 +256,31 @@ def op_strategy() -> st.SearchStrategy[tuple[str, int, int]]:
 
 
 class Run:
-    """One example: a database of its own, the service's memory, and a model of Toss."""
+    """One example: a database of its own, a fresh sandbox, and the service's memory."""
 
-    def __init__(self, rt: Runtime, dbname: str, start: datetime) -> None:
-        self.bl = Billing(rt, dbname)
-        self.toss = FakeToss(self.bl)
+    def __init__(self, rt: Runtime, dbname: str, start: datetime, toss: TossSandbox) -> None:
+        toss.reset()
+        self.toss = toss
+        self.bl = Billing(rt, dbname, toss)
         self.bl.enable_clock(start)
-        # Toss's side
-        self.decided: dict[str, tuple[str, ...]] = {}  # orderId -> ("approved", key) / decline
-        self.history: dict[str, list[dict[str, Any]]] = defaultdict(list)  # paymentKey -> snaps
-        self.toss_errors: dict[str, str] = {}  # refund Idempotency-Key -> failure kind
-        self.outbox: list[tuple[str, str | None, dict[str, Any]]] = []  # webhooks to deliver
-        self.approvals: Counter[Any] = Counter()  # period -> orders Toss approved
-        self.anomalies: Counter[Any] = Counter()  # period -> approved but answered "declined"
+        # What happened at Toss beside the service's own requests (see toss_charge).
+        self.hidden: Counter[Any] = Counter()  # period -> approvals answered as a failure
+        # Orders approved at Toss whose approval the service has not written back yet (answers
+        # held by a worker or lost, approvals by another request).
+        self.unrecorded: set[str] = set()
         # The service's side
-        # attempt -> (its claim with the lease token, what Toss said), until written back
-        self.held: dict[Any, tuple[db.ClaimedAttempt, tuple[Any, ...]]] = {}
-        self.held_refunds: dict[Any, tuple[db.ClaimedRefund, tuple[Any, ...]]] = {}
+        self.history: dict[str, list[dict[str, Any]]] = defaultdict(list)  # paymentKey -> snaps
+        self.outbox: list[tuple[str, str, dict[str, Any]]] = []  # webhooks Toss is delivering
+        # attempt -> (its claim with the lease token, what Toss answered), until written back
+        self.held: dict[Any, tuple[db.ClaimedAttempt, Answer]] = {}
+        self.held_refunds: dict[Any, tuple[db.ClaimedRefund, Answer]] = {}
         # results recorded (with the claim they were recorded under), to repeat
-        self.delivered: list[tuple[db.ClaimedAttempt, tuple[Any, ...]]] = []
+        self.delivered: list[tuple[db.ClaimedAttempt, Answer]] = []
         self.ingested: dict[str, Any] = {}  # transmission id -> webhook event id
         self.pending: list[tuple[str, dict[str, Any]]] = []  # registrations not completed yet
         self.user_of_key: dict[str, str] = {}  # customerKey -> user
         self.keys: dict[str, str] = {}  # sha256 -> billing key
+        self.key_order: dict[str, int] = {}  # billing key -> when it was issued (a stable order)
         self.counter = 0
         self.windows = 0
         self.rejected_refunds = 0
@@ -283,6 +320,34 @@ class Run:
         assert violations == [], violations
         gaps = self.bl.audit_gaps()
         assert gaps == [], gaps
+        self.check_toss()
+
+    def check_toss(self, settled: bool = False) -> None:
+        """The invariants at Toss, read from the sandbox's ledger (every approval it made).
+
+        1. No period charged twice: per period, the approvals at Toss (each counted, refunded or
+           not: a refund gives the money back but the card was charged twice) are at most one,
+           plus one for each approval another request made while the service's own request was
+           answered with a failure after which nobody looks the order up (``hidden``): only
+           reconciliation can find those, and refunds them.
+        2. Every approval at Toss is in our ledger, except one whose answer the service has not
+           written back yet (``unrecorded``); once everything is settled, none is missing.
+        """
+        approvals = self.toss.approvals()
+        if not approvals:
+            return
+        ours = self.bl.all(
+            "select order_id as key, period_id from billing.charge_attempts"
+            " union all select payment_key, null from billing.payments"
+        )
+        period_of = {r["key"]: r["period_id"] for r in ours if r["period_id"] is not None}
+        per_period = Counter(period_of[a["orderId"]] for a in approvals)
+        twice = {p: n for p, n in per_period.items() if n > 1 + self.hidden[p]}
+        assert twice == {}, ("a period charged twice at Toss", twice)
+        ledger = {r["key"] for r in ours if r["period_id"] is None}
+        missing = {a["orderId"] for a in approvals if a["paymentKey"] not in ledger}
+        excused = set() if settled else self.unrecorded
+        assert missing <= excused, ("approved at Toss, missing from the ledger", missing - excused)
 
     # --- subscribers --------------------------------------------------------------------------
     def begin(self, user: str) -> dict[str, Any] | None:
@@ -301,12 +366,13 @@ class Run:
         return reg  # type: ignore[no-any-return]
 
     def complete(self, user: str, reg: dict[str, Any], expect_ok: bool) -> None:
-        key = self.next_id(f"bk_{user}")
-        card = {"card": {"number": "4330****1234", "issuerCode": "61", "cardType": "신용"}}
+        issued = self.toss.issue_billing_key(reg["customerKey"])
+        key = issued["billingKey"]
+        self.key_order[key] = len(self.key_order)
         done, err = self.attempt(
             lambda: self.bl.run(
                 db.service_complete_registration(
-                    reg["customerKey"], KEYRING.seal(key, reg["customerKey"]), card
+                    reg["customerKey"], KEYRING.seal(key, reg["customerKey"]), card_of(issued)
                 )
             ),
             () if expect_ok else ("SB409",),
@@ -463,7 +529,11 @@ class Run:
     def payments_in_ledger(self) -> list[Row]:
         """Payments in the order Toss approved them (deterministic, unlike their ids)."""
         rows = {r["payment_key"]: r for r in self.bl.all("select * from billing.payments")}
-        return [rows[k] for k in self.toss.by_key if k in rows]
+        return [rows[k] for k in self.approval_order() if k in rows]
+
+    def approval_order(self) -> list[str]:
+        """paymentKeys in the order Toss approved them."""
+        return [a["paymentKey"] for a in self.toss.approvals()]
 
     def op_refund(self, a: int, b: int) -> None:
         payments = self.payments_in_ledger()
@@ -504,70 +574,36 @@ class Run:
         )
 
     # --- the service: charges -----------------------------------------------------------------
-    def billing_key(self, row: db.ClaimedAttempt | db.ClaimedKeyDeletion) -> str:
-        """The service opens the envelope it stored (the customerKey is its associated data)."""
-        return KEYRING.open(row.billing_key_ciphertext, row.billing_key_key_id, row.customer_key)
+    def toss_charge(self, row: db.ClaimedAttempt, outcome: str) -> Answer:
+        """POST /v1/billing/{billingKey}, made to answer as ``outcome`` says; returns what the
+        service heard. Two outcomes involve another request for the same order, sent without
+        the attempt's Idempotency-Key (its answer lost to whoever sent it): "duplicated" (it
+        came first, so Toss answers the service DUPLICATED_ORDER_ID) and "charged_but_declined"
+        (it came after the service was answered with a decline)."""
+        stray: Answer | None = None
+        if outcome == "duplicated":
+            stray = self.bl.stray_charge(row)
+        answer = self.bl.call_toss(row, CHARGE_HOW[outcome])
+        if outcome == "charged_but_declined":
+            stray = self.bl.stray_charge(row)
+        if answer.payment is not None or answer.lost is not None:
+            self.unrecorded.add(row.order_id)  # until the service writes an approval back
+        if answer.payment is not None:
+            self.history[answer.payment["paymentKey"]].append(answer.payment)
+        if stray is not None and stray.payment is not None:
+            self.unrecorded.add(row.order_id)
+            self.history[stray.payment["paymentKey"]].append(stray.payment)
+            if answer.code is not None and answer.classification in HIDING:
+                event("Toss approved an order the service was told had failed")
+                self.hidden[row.period_id] += 1
+        return answer
 
-    def toss_charge(self, row: db.ClaimedAttempt, outcome: str) -> tuple[Any, ...]:
-        """POST /v1/billing/{billingKey} as Toss would answer it; returns what the service saw."""
-        order = row.order_id
-        key = self.billing_key(row)
-        decided = self.decided.get(order)
-        fresh_anomaly = False
-        if decided is None:
-            if key in self.toss.deleted_keys:
-                decided = ("failed", *self.toss.failure("removed"))
-            elif outcome in ("ok", "timeout_after", "charged_but_declined", "duplicated"):
-                payment = self.toss.approve(order, row.amount, row.order_name)
-                self.history[payment["paymentKey"]].append(json.loads(json.dumps(payment)))
-                decided = ("approved", payment["paymentKey"])
-                self.approvals[row.period_id] += 1
-                if outcome == "charged_but_declined":
-                    event("Toss approved a charge it answered as declined")
-                    self.anomalies[row.period_id] += 1
-                    fresh_anomaly = True
-            elif outcome in DECIDED_FAILURES:
-                decided = ("failed", *self.toss.failure(outcome))
-            if decided is not None:
-                self.decided[order] = decided
-        if outcome == "busy":
-            # 409 IDEMPOTENT_REQUEST_PROCESSING: not processed, nothing decided by this request.
-            return ("failure", *self.toss.failure("busy"))
-        if outcome in ("timeout_before", "timeout_after"):
-            return ("unknown", "read timeout after 60 s")
-        if fresh_anomaly:
-            return ("failure", *self.toss.failure("decline"))
-        if outcome == "duplicated" and decided is not None and decided[0] == "approved":
-            # A re-sent orderId Toss already approved (e.g. the first answer was lost).
-            return ("failure", *self.toss.failure("duplicated"))
-        if decided is None:
-            return ("unknown", "connection reset")
-        if decided[0] == "approved":
-            # Re-sends under the same Idempotency-Key replay the first answer.
-            return ("success", self.history[decided[1]][0])
-        return ("failure", *decided[1:])
-
-    def toss_lookup(self, row: db.ClaimedAttempt, outcome: str) -> tuple[Any, ...]:
-        """GET /v1/payments/orders/{orderId}."""
-        if outcome == "throttled":
-            return ("failure", *self.toss.failure("throttled"))
-        if outcome == "timeout":
-            return ("unknown", "lookup timed out")
-        decided = self.decided.get(row.order_id)
-        if decided is None:
-            return ("not_found",)
-        if decided[0] == "approved":
-            return ("snapshot", self.toss.snapshot(decided[1]))
-        aborted = {
-            "paymentKey": f"pk_aborted_{row.order_id}",
-            "orderId": row.order_id,
-            "status": "ABORTED",
-            "totalAmount": row.amount,
-            "balanceAmount": row.amount,
-            "approvedAt": None,
-            "failure": {"code": decided[1], "message": decided[2]},
-        }
-        return ("aborted", aborted, *decided[1:])
+    def toss_lookup(self, row: db.ClaimedAttempt, outcome: str) -> Answer:
+        """GET /v1/payments/orders/{orderId}: answered, throttled (429) or its answer lost."""
+        answer = self.bl.call_toss(row, LOOKUP_HOW[outcome])
+        if answer.payment is not None:
+            self.unrecorded.add(row.order_id)
+        return answer
 
     def claim_sorted(self, worker: str) -> list[db.ClaimedAttempt]:
         """Claims every due attempt, checking that none is handed out while leased elsewhere."""
@@ -598,7 +634,7 @@ class Run:
             key=lambda r: (self.user_of_key[r.customer_key], r.order_name, r.attempt_number),
         )
 
-    def call_toss(self, row: db.ClaimedAttempt, pick: int) -> tuple[Any, ...]:
+    def call_toss(self, row: db.ClaimedAttempt, pick: int) -> Answer:
         if row.mode == db.AttemptMode.CHARGE:
             return self.toss_charge(row, CHARGE[pick % len(CHARGE)])
         return self.toss_lookup(row, LOOKUP[pick % len(LOOKUP)])
@@ -612,47 +648,22 @@ class Run:
     def op_serve(self, a: int, b: int) -> None:
         """A healthy worker: claims what is due, calls Toss and writes each answer back at once."""
         for i, row in enumerate(self.claim_sorted(self.next_id("w"))):
-            seen = self.call_toss(row, b + 5 * i)
-            self.record(row, seen, ())
-            self.delivered.append((row, seen))
+            answer = self.call_toss(row, b + 5 * i)
+            self.record(row, answer, ())
+            self.delivered.append((row, answer))
 
     def record(
-        self, row: db.ClaimedAttempt, seen: tuple[Any, ...], allowed: tuple[str, ...]
-    ) -> db.Recorded | db.SnapshotApplied | None:
-        """Writes what Toss said back to the database, as the service does, with the lease token
-        of the claim it saw it under. Returns the result (None when refused)."""
-        bl, kind, aid, token = self.bl, seen[0], row.attempt_id, row.lease_token
-        event(f"charge result: {kind}" + (" (late)" if allowed else ""))
-        out: db.Recorded | db.SnapshotApplied | None
-        if kind == "success":
-            out, _ = self.attempt(
-                lambda: bl.run(db.service_record_charge_success(aid, token, seen[1])), allowed
-            )
-        elif kind == "failure":
-            out, _ = self.attempt(
-                lambda: bl.run(db.service_record_charge_failure(aid, token, *seen[1:])), allowed
-            )
-        elif kind == "unknown":
-            out, _ = self.attempt(
-                lambda: bl.run(db.service_record_charge_unknown(aid, token, seen[1])), allowed
-            )
-        elif kind == "not_found":
-            out, _ = self.attempt(
-                lambda: bl.run(db.service_record_lookup_not_found(aid, token)), allowed
-            )
-        elif kind == "snapshot":
-            out, _ = self.attempt(
-                lambda: bl.run(db.service_apply_payment_snapshot(seen[1])), allowed
-            )
-            assert out is None or (isinstance(out, db.SnapshotApplied) and out.matched == "attempt")
-        elif kind == "aborted":
-            applied = bl.run(db.service_apply_payment_snapshot(seen[1]))
-            assert (applied.matched, applied.action) == ("attempt", "classify_failure")
-            out, _ = self.attempt(
-                lambda: bl.run(db.service_record_charge_failure(aid, token, *seen[2:])), allowed
-            )
-        else:
-            raise AssertionError(kind)
+        self, row: db.ClaimedAttempt, answer: Answer, allowed: tuple[str, ...]
+    ) -> db.Recorded | None:
+        """Writes what Toss answered back to the database, as the service does (dbkit.result_of),
+        with the lease token of the claim it was heard under. Returns the result (None when
+        refused)."""
+        kind = "approval" if answer.payment is not None else answer.code or "no answer"
+        event(f"{row.mode} answer: {kind}" + (" (late)" if allowed else ""))
+        out: db.Recorded | None
+        out, _ = self.attempt(lambda: self.bl.record(row, answer), allowed)
+        if out is not None and answer.payment is not None:
+            self.unrecorded.discard(row.order_id)
         return out
 
     def lease_is_current(self, row: db.ClaimedAttempt) -> bool:
@@ -666,14 +677,14 @@ class Run:
         if not self.held:
             return
         attempt_id = list(self.held)[a % len(self.held)]
-        row, seen = self.held.pop(attempt_id)
+        row, answer = self.held.pop(attempt_id)
         fresh = self.lease_is_current(row)
         # A worker whose lease ran out may find the attempt settled or claimed by another: 409,
         # no change (an approval is a fact and is recorded whoever reports it).
-        out = self.record(row, seen, () if fresh else ("SB409",))
-        if not fresh and isinstance(out, db.Recorded) and seen[0] != "success":
+        out = self.record(row, answer, () if fresh else ("SB409",))
+        if not fresh and out is not None and answer.payment is None:
             assert out.changed is False, out
-        self.delivered.append((row, seen))
+        self.delivered.append((row, answer))
 
     def op_late_worker(self, a: int, b: int) -> None:
         """A worker claims, calls Toss, then stalls past its lease; the lease is expired (tick)
@@ -692,7 +703,7 @@ class Run:
         if a % 2:
             # Another worker takes the work over (its own answers are written back at once).
             self.op_serve(a, b + 1)
-        for row, seen in held:
+        for row, answer in held:
             assert not self.lease_is_current(row)
             before = self.bl.one(
                 "select to_jsonb(ca) as row, (select count(*) from billing.events) as events,"
@@ -700,8 +711,8 @@ class Run:
                 " from billing.charge_attempts ca where ca.id = %s",
                 (row.attempt_id,),
             )
-            out = self.record(row, seen, ("SB409",))
-            if seen[0] == "success":
+            out = self.record(row, answer, ("SB409",))
+            if answer.payment is not None:
                 event("late approval recorded")
                 assert isinstance(out, db.Recorded), out
                 assert self.bl.scalar(
@@ -710,7 +721,12 @@ class Run:
                 )
                 assert out.status in ("succeeded", "duplicate")
                 continue
-            if seen[0] == "failure" and seen[3] in ("decline", "needs_new_card"):
+            late_decline = (
+                row.mode is db.AttemptMode.CHARGE
+                and answer.code is not None
+                and answer.classification in ("decline", "needs_new_card")
+            )
+            if late_decline:
                 event("late decline refused")
                 assert out is None, f"a late decline was recorded: {out}"
             elif isinstance(out, db.Recorded):
@@ -721,26 +737,25 @@ class Run:
                 " from billing.charge_attempts ca where ca.id = %s",
                 (row.attempt_id,),
             )
-            if seen[0] not in ("snapshot", "aborted"):  # snapshots are facts, applied by anyone
-                assert after == before, (seen, before, after)
-            self.delivered.append((row, seen))
+            assert after == before, (answer, before, after)
+            self.delivered.append((row, answer))
 
     def op_redeliver(self, a: int, b: int) -> None:
         if not self.delivered:
             return
-        row, seen = self.delivered[a % len(self.delivered)]
+        row, answer = self.delivered[a % len(self.delivered)]
         before = self.bl.scalar("select count(*) from billing.payments")
-        out = self.record(row, seen, ("SB409",))
+        out = self.record(row, answer, ("SB409",))
         # The same result again from the same worker changes nothing.
-        if isinstance(out, db.Recorded):
+        if out is not None:
             assert out.changed is False, out
-        if seen[0] in ("success", "snapshot"):
+        if answer.payment is not None:
             assert self.bl.scalar("select count(*) from billing.payments") == before
 
     def op_reconcile(self, a: int, b: int) -> None:
         """The daily reconciliation: every payment Toss has is applied as Toss has it now."""
-        for key in list(self.toss.by_key):
-            out = self.bl.run(db.service_apply_payment_snapshot(self.toss.snapshot(key)))
+        for key in self.approval_order():
+            out = self.bl.run(db.service_apply_payment_snapshot(self.toss.payment(key)))
             assert out.matched in ("attempt", "payment")
 
     def op_stale_snapshot(self, a: int, b: int) -> None:
@@ -760,66 +775,40 @@ class Run:
         if rows:
             event("older snapshot after a newer one")
             assert after == min(rows[0]["balance_amount"], old["balanceAmount"])
-        assert after >= self.toss.by_key[key]["balanceAmount"]
+        assert after >= self.toss.balances()[key]
 
     # --- the service: refunds -----------------------------------------------------------------
-    def toss_cancel(self, row: db.ClaimedRefund, outcome: str) -> tuple[Any, ...]:
-        """POST /v1/payments/{paymentKey}/cancel with the refund id as Idempotency-Key."""
-        idem = str(row.idempotency_key)
-        if idem in self.toss.cancel_replies:
-            event("refund re-sent: Toss replays its answer")
-            return ("payment", self.toss.cancel_replies[idem])
-        if idem in self.toss_errors:
-            return ("error", *self.toss.failure(self.toss_errors[idem]))
-        if outcome == "busy":
-            return ("error", *self.toss.failure("busy"))  # not processed: nothing to replay
-        if outcome in ("rejected", "refund_failed"):
-            self.toss_errors[idem] = outcome  # processed: replayed under this key
-            return ("error", *self.toss.failure(outcome))
-        payment = self.toss.by_key[row.payment_key]
+    def toss_cancel(self, row: db.ClaimedRefund, outcome: str) -> Answer:
+        """POST /v1/payments/{paymentKey}/cancel with the refund id as Idempotency-Key; a re-send
+        gets Toss's first answer again."""
+        answer = self.bl.call_refund(row, REFUND_HOW[outcome])
         # The database never asks for more than Toss still holds.
-        assert row.cancel_amount <= payment["balanceAmount"], (row, payment)
-        reply = self.toss.cancel(row.payment_key, row.cancel_amount, row.cancel_reason, idem)
-        self.history[row.payment_key].append(json.loads(json.dumps(reply)))
-        body = {"eventType": "PAYMENT_STATUS_CHANGED", "createdAt": "2028-01-01T00:00:00.000000",
-                "data": reply}  # fmt: skip
-        self.outbox.append((self.next_id("whtrans"), "PAYMENT_STATUS_CHANGED", body))
-        return ("payment", reply)
+        assert answer.code not in ("NOT_CANCELABLE_AMOUNT", "ALREADY_CANCELED_PAYMENT"), answer
+        if answer.payment is not None:
+            self.history[row.payment_key].append(answer.payment)
+        return answer
 
     def op_serve_refunds(self, a: int, b: int) -> None:
         """Claims due refunds and calls Toss; most answers are written back at once, some later
         (op_answer_refund) or never (the lease runs out and the cancel is re-sent)."""
         rows = self.bl.run(db.service_claim_refunds(self.next_id("w"), 100))
-        order = {k: i for i, k in enumerate(self.toss.by_key)}
+        order = {k: i for i, k in enumerate(self.approval_order())}
         rows.sort(key=lambda r: (order[r.payment_key], r.cancel_amount, r.cancel_reason))
         for i, row in enumerate(rows):
-            seen = self.toss_cancel(row, REFUND[(b + 3 * i) % len(REFUND)])
-            self.held_refunds[row.refund_id] = (row, seen)
+            answer = self.toss_cancel(row, REFUND[(b + 3 * i) % len(REFUND)])
+            self.held_refunds[row.refund_id] = (row, answer)
             if (a + i) % 4:
                 self.op_answer_refund(len(self.held_refunds) - 1, b + i)
 
     def record_refund(
-        self, row: db.ClaimedRefund, seen: tuple[Any, ...], allowed: tuple[str, ...]
+        self, row: db.ClaimedRefund, answer: Answer, allowed: tuple[str, ...]
     ) -> db.Recorded | None:
         out: db.Recorded | None
-        if seen[0] == "payment":
-            out, _ = self.attempt(
-                lambda: self.bl.run(
-                    db.service_record_refund_result(row.refund_id, row.lease_token, seen[1])
-                ),
-                allowed,
-            )
+        out, _ = self.attempt(lambda: self.bl.record_refund(row, answer), allowed)
+        if answer.payment is not None:
             assert out is None or out.status == "succeeded"
         else:
-            code, message, classification = seen[1:]
-            out, _ = self.attempt(
-                lambda: self.bl.run(
-                    db.service_record_refund_result(
-                        row.refund_id, row.lease_token, None, code, message, classification
-                    )
-                ),
-                allowed,
-            )
+            classification = answer.classification if answer.code else "unprocessed"
             # Only a cancel Toss did not process is sent again (ten tries); any other error is
             # final.
             if out is not None and out.changed:
@@ -836,20 +825,20 @@ class Run:
         if not self.held_refunds:
             return
         refund_id = list(self.held_refunds)[a % len(self.held_refunds)]
-        row, seen = self.held_refunds.pop(refund_id)
+        row, answer = self.held_refunds.pop(refund_id)
         now = self.bl.one(
             "select status::text, lease_token from billing.refunds where id = %s", (refund_id,)
         )
         fresh = (now["status"], now["lease_token"]) == ("claimed", row.lease_token)
-        out = self.record_refund(row, seen, () if fresh else ("SB409",))
-        if not fresh and out is not None and seen[0] != "payment":
+        out = self.record_refund(row, answer, () if fresh else ("SB409",))
+        if not fresh and out is not None and answer.payment is None:
             assert out.changed is False, out
         if b % 3 == 0:  # the service retries its write after a lost reply
-            again = self.record_refund(row, seen, ("SB409",))
+            again = self.record_refund(row, answer, ("SB409",))
             assert again is None or again.changed is False, again
-        elif b % 3 == 1 and seen[0] == "payment":
+        elif b % 3 == 1 and answer.payment is not None:
             # A re-fetch made before this cancel (for an earlier webhook) lands after it.
-            self.op_stale_snapshot(list(self.history).index(seen[1]["paymentKey"]), a)
+            self.op_stale_snapshot(list(self.history).index(row.payment_key), a)
 
     # --- the service: webhooks and billing keys -----------------------------------------------
     def ingest(self, tid: str, event_type: str | None, body: dict[str, Any]) -> db.IngestedWebhook:
@@ -862,9 +851,14 @@ class Run:
             self.ingested[tid] = row.webhook_event_id
         return row
 
+    def collect_webhooks(self) -> None:
+        """What Toss has sent since the last look (cancels, deleted keys) joins its outbox."""
+        self.outbox += self.toss.new_webhooks()
+
     def op_deliver_webhook(self, a: int, b: int) -> None:
         """Toss delivers what it has, not in the order it happened; a delivery whose 200 it did
         not get stays in its outbox and comes again later."""
+        self.collect_webhooks()
         if not self.outbox:
             return
         k = a % len(self.outbox)
@@ -898,33 +892,18 @@ class Run:
             assert self.ingest(tid, None, body).status == "received"
         else:
             pay = payments[b % len(payments)]
-            forged = dict(self.toss.snapshot(pay["payment_key"]), balanceAmount=0, secret="ps_x")
+            forged = dict(self.toss.payment(pay["payment_key"]), balanceAmount=0, secret="ps_x")
             body = {"eventType": "PAYMENT_STATUS_CHANGED", "createdAt": "x", "data": forged}
             assert self.ingest(tid, "PAYMENT_STATUS_CHANGED", body).status == "ignored"
 
     def process_webhook(self, row: db.ClaimedWebhook, race: bool = False) -> db.WebhookOutcome:
-        kind, payload = row.event_type, row.payload
-        if kind == "BILLING_DELETED":
-            self.bl.run(
-                db.service_mark_payment_method_deleted(
-                    payload["data"]["billingKeySha256"], payload["data"]["reason"]
-                )
-            )
-            return db.WebhookOutcome.PROCESSED
-        # Never applied as sent: re-fetch with the secret key and apply that.
-        if kind == "PAYMENT_STATUS_CHANGED":
-            key = payload["data"]["paymentKey"]
-        else:
-            decided = self.decided.get(payload["orderId"])
-            key = decided[1] if decided and decided[0] == "approved" else None
-        if key not in self.toss.by_key:
-            return db.WebhookOutcome.IGNORED  # NOT_FOUND_PAYMENT
-        self.bl.run(db.service_apply_payment_snapshot(self.toss.snapshot(key)))
-        if race and len(self.history[key]) > 1:
+        outcome = self.bl.process_webhook(row)
+        key = row.payload.get("data", {}).get("paymentKey")
+        if race and row.event_type == "PAYMENT_STATUS_CHANGED" and len(self.history[key]) > 1:
             # Another worker's re-fetch of an earlier event, answered before this one, lands last.
             event("older snapshot after a newer one")
             self.bl.run(db.service_apply_payment_snapshot(self.history[key][-2]))
-        return db.WebhookOutcome.PROCESSED
+        return outcome
 
     def finish_webhook(self, row: db.ClaimedWebhook, outcome: db.WebhookOutcome) -> None:
         done = self.bl.run(
@@ -934,7 +913,8 @@ class Run:
 
     def op_serve_webhooks(self, a: int, b: int) -> None:
         rows = self.bl.run(db.service_claim_webhooks(self.next_id("w"), 100))
-        for i, row in enumerate(sorted(rows, key=lambda r: r.transmission_id)):
+        arrival = {tid: i for i, tid in enumerate(self.ingested)}
+        for i, row in enumerate(sorted(rows, key=lambda r: arrival[r.transmission_id])):
             outcome = (
                 db.WebhookOutcome.RETRY
                 if (b + i) % 5 == 0
@@ -943,7 +923,7 @@ class Run:
             self.finish_webhook(row, outcome)
 
     def op_issuer_deletes_key(self, a: int, b: int) -> None:
-        """The card company deletes a subscriber's billing key; Toss says so by webhook."""
+        """The card company ends a subscriber's billing key at Toss; Toss says so by webhook."""
         s = self.live_subscription(USERS[a % len(USERS)])
         if s is None:
             return
@@ -951,16 +931,15 @@ class Run:
             "select billing_key_sha256 from billing.payment_methods where id = %s",
             (s["payment_method_id"],),
         )
-        key = self.keys[sha]
-        self.toss.deleted_keys.add(key)
-        body = {"eventType": "BILLING_DELETED", "createdAt": "x",
-                "data": {"billingKey": key, "reason": "카드사 요청"}}  # fmt: skip
-        self.outbox.append((self.next_id("whtrans"), None, body))
+        gone = self.toss.delete_billing_key(self.keys[sha])
+        assert gone.ok or gone.code == "ALREADY_REMOVED_BILLING_KEY", gone  # ended before
 
     def op_serve_key_deletions(self, a: int, b: int) -> None:
         rows = self.bl.run(db.service_claim_key_deletions(self.next_id("w"), 100))
-        # Envelopes are random; the keys inside them give a repeatable order.
-        for i, (key, row) in enumerate(sorted((self.billing_key(r), r) for r in rows)):
+        # Envelopes and keys are random; the order the keys were issued in is repeatable.
+        rows.sort(key=lambda r: self.key_order[billing_key_of(r)])
+        for i, row in enumerate(rows):
+            key = billing_key_of(row)
             # Never while a charge on the key may still be on its way.
             assert not self.bl.scalar(
                 "select exists (select 1 from billing.charge_attempts where payment_method_id = %s"
@@ -969,19 +948,12 @@ class Run:
             )
             assert self.keys[sha256_hex(key)] == key
             if (b + i) % 4 == 3:
-                out = self.bl.run(
-                    db.service_record_key_deleted(
-                        row.key_deletion_id, row.lease_token, "COMMON_ERROR"
-                    )
-                )
+                out = self.bl.serve_key_deletion(row, "throttled")
                 assert out.status in ("requested", "failed")
                 continue
-            self.toss.deleted_keys.add(key)
-            out = self.bl.run(db.service_record_key_deleted(row.key_deletion_id, row.lease_token))
+            # Toss deletes it (or had it deleted already) and sends BILLING_DELETED.
+            out = self.bl.serve_key_deletion(row)
             assert (out.status, out.changed) == ("deleted", True)
-            body = {"eventType": "BILLING_DELETED", "createdAt": "x",
-                    "data": {"billingKey": key, "reason": "삭제 API 요청"}}  # fmt: skip
-            self.outbox.append((self.next_id("whtrans"), None, body))
 
     def op_notifications(self, a: int, b: int) -> None:
         for row in self.bl.run(db.service_claim_notifications(self.next_id("w"), 100)):
@@ -1001,16 +973,17 @@ class Run:
             self.op_reconcile(0, 0)
             busy = self.bl.scalar("select count(*) from billing.payments") != known
             for row in self.claim_sorted(self.next_id("settle")):
-                seen = (
+                answer = (
                     self.toss_charge(row, "ok")
                     if row.mode == db.AttemptMode.CHARGE
                     else self.toss_lookup(row, "answer")
                 )
-                self.record(row, seen, ())
+                self.record(row, answer, ())
                 busy = True
             for refund in self.bl.run(db.service_claim_refunds(self.next_id("settle"), 100)):
                 self.record_refund(refund, self.toss_cancel(refund, "ok"), ())
                 busy = True
+            self.collect_webhooks()
             while self.outbox:
                 self.ingest(*self.outbox.pop(0))
             for webhook in self.bl.run(db.service_claim_webhooks(self.next_id("settle"), 100)):
@@ -1040,12 +1013,11 @@ class Run:
                 break
             self.bl.set_clock(max(due, self.now()) + MINUTE)
         self.check()
+        self.check_toss(settled=True)
 
         # Every payment Toss approved is in the ledger, with Toss's balance.
         ledger = {r["payment_key"]: r for r in self.bl.all("select * from billing.payments")}
-        assert {k: r["balance_amount"] for k, r in ledger.items()} == {
-            k: p["balanceAmount"] for k, p in self.toss.by_key.items()
-        }
+        assert {k: r["balance_amount"] for k, r in ledger.items()} == self.toss.balances()
         assert (
             self.bl.all("select id from billing.refunds where status in ('requested', 'claimed')")
             == []
@@ -1061,10 +1033,6 @@ class Run:
                     " where kind = 'alert'"
                 )
             }
-        # No period was charged twice at Toss, except after Toss answered "declined" to a charge
-        # it had approved (which reconciliation finds and refunds).
-        for period, n in self.approvals.items():
-            assert n <= 1 + self.anomalies[period], (period, n)
         summary = self.bl.one(
             """select (select max(period_index) from billing.billing_periods) as periods,
                       (select count(*) from billing.charge_attempts where status = 'duplicate')
@@ -1091,10 +1059,14 @@ class Run:
 )
 @given(start=st.sampled_from(STARTS), ops=st.lists(op_strategy(), min_size=20, max_size=40))
 def test_random_interleavings_keep_every_invariant(
-    rt: Runtime, template: str, start: datetime, ops: list[tuple[str, int, int]]
+    rt: Runtime,
+    template: str,
+    sandbox_server: TossSandbox,
+    start: datetime,
+    ops: list[tuple[str, int, int]],
 ) -> None:
     dbname = testdb.clone(rt, template)
-    run = Run(rt, dbname, start)
+    run = Run(rt, dbname, start, sandbox_server)
     try:
         for a in range(2):  # two subscribers to start with; more come and go
             run.op_register(a, 0)

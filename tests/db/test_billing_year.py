@@ -5,7 +5,6 @@ happened."""
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -13,13 +12,13 @@ from typing import Any
 
 from dbkit import (
     ANCHOR_31_PERIOD_STARTS,
-    KEYRING,
     SEOUL,
     Billing,
-    FakeToss,
     Row,
+    billing_key_of,
     kst,
     raises_sqlstate,
+    result_of,
     sha256_hex,
 )
 
@@ -30,16 +29,17 @@ END = kst(2029, 1, 2, 0, 0)
 
 
 class Sim:
-    """The service's loop: claim every kind of work until none is left, answering as Toss would."""
+    """The service's loop: claim every kind of work until none is left, each answered by Toss (the
+    sandbox), as the scripts of each subscriber say."""
 
-    def __init__(self, bl: Billing, toss: FakeToss) -> None:
+    def __init__(self, bl: Billing) -> None:
         self.bl = bl
-        self.toss = toss
+        self.toss = bl.sandbox
         self.user_of_key: dict[str, str] = {}  # customerKey -> user
         self.billing_keys: dict[str, str] = {}  # sha256 -> billing key (the service can decrypt)
         self.scripts: dict[str, list[str]] = {}
         self.notifications: list[Row] = []
-        self.duplicate_webhooks = 0
+        self.delivered: Counter[str] = Counter()  # webhooks Toss sent, by eventType
 
     # --- subscribers ----------------------------------------------------------------------
     def register(self, user: str) -> dict[str, Any]:
@@ -52,18 +52,26 @@ class Sim:
     def drain(self) -> None:
         bl = self.bl
         for _ in range(1000):
-            progressed = False
+            progressed = self.deliver_webhooks()
             for row in bl.claim("sim", 10):
                 self.handle_attempt(row)
                 progressed = True
             for refund in bl.run(db.service_claim_refunds("sim", 10)):
-                self.handle_refund(refund)
+                result = bl.record_refund(refund, bl.call_refund(refund))
+                assert result.status == "succeeded"
                 progressed = True
             for webhook in bl.run(db.service_claim_webhooks("sim", 10)):
-                self.handle_webhook(webhook)
+                outcome = bl.process_webhook(webhook)
+                assert outcome is db.WebhookOutcome.PROCESSED
+                done = bl.run(
+                    db.service_record_webhook_result(
+                        webhook.webhook_event_id, webhook.lease_token, outcome
+                    )
+                )
+                assert (done.status, done.changed) == ("processed", True)
                 progressed = True
             for deletion in bl.run(db.service_claim_key_deletions("sim", 10)):
-                self.handle_key_deletion(deletion)
+                assert bl.serve_key_deletion(deletion).status == "deleted"
                 progressed = True
             for note in bl.run(db.service_claim_notifications("sim", 50)):
                 self.notifications.append({"user_id": note.user_id, "kind": note.kind})
@@ -76,38 +84,31 @@ class Sim:
                 return
         raise AssertionError("the service loop did not settle")
 
-    def fail(self, row: db.ClaimedAttempt, kind: str) -> db.Recorded:
-        code, message, classification = self.toss.failure(kind)
-        return self.bl.run(
-            db.service_record_charge_failure(
-                row.attempt_id, row.lease_token, code, message, classification
-            )
-        )
-
-    def unknown(self, row: db.ClaimedAttempt, detail: str) -> db.Recorded:
-        return self.bl.run(
-            db.service_record_charge_unknown(row.attempt_id, row.lease_token, detail)
-        )
+    def deliver_webhooks(self) -> bool:
+        """What Toss sent since the last look reaches the service's endpoint, each twice."""
+        sent = self.toss.new_webhooks()
+        for tid, event_type, body in sent:
+            ingest = db.service_ingest_webhook(tid, event_type, body)
+            first = self.bl.run(ingest)
+            again = self.bl.run(ingest)
+            assert first.duplicate is False
+            assert (again.duplicate, again.webhook_event_id) == (True, first.webhook_event_id)
+            self.delivered[event_type] += 1
+        return bool(sent)
 
     def handle_attempt(self, row: db.ClaimedAttempt) -> None:
-        bl, order = self.bl, row.order_id
+        bl = self.bl
         if row.mode == db.AttemptMode.LOOKUP:
-            found = self.toss.payments.get(order)
-            if found is None:
-                bl.run(db.service_record_lookup_not_found(row.attempt_id, row.lease_token))
-            else:
-                result = bl.run(db.service_apply_payment_snapshot(found))
-                assert result.matched == "attempt"
+            assert bl.serve(row).changed is True
             return
         # The service opens the envelope it stored, with the customerKey as associated data.
-        key = KEYRING.open(row.billing_key_ciphertext, row.billing_key_key_id, row.customer_key)
+        key = billing_key_of(row)
         assert self.billing_keys[sha256_hex(key)] == key
         user = self.user_of_key[row.customer_key]
         script = self.scripts.get(user, [])
         outcome = script.pop(0) if script else "ok"
         if outcome == "ok":
-            payment = self.toss.approve(order, row.amount, row.order_name)
-            record = db.service_record_charge_success(row.attempt_id, row.lease_token, payment)
+            record = result_of(row, bl.call_toss(row))
             first = bl.run(record)
             assert first.changed is True
             # The service retrying its write after a lost reply applies nothing twice.
@@ -115,84 +116,30 @@ class Sim:
             assert again.changed is False
             assert again.detail["paymentId"] == first.detail["paymentId"]
         elif outcome == "decline":
-            self.fail(row, "decline")
+            bl.serve(row, "REJECT_CARD_PAYMENT")
         elif outcome == "declined_but_charged":
-            self.toss.approve(order, row.amount, row.order_name)
-            self.fail(row, "decline")
+            # Answered declined, approved all the same by a request whose answer was lost.
+            bl.serve(row, "REJECT_CARD_PAYMENT")
+            assert bl.stray_charge(row).payment is not None
         elif outcome == "dead":
-            self.fail(row, "dead")
+            bl.serve(row, "INVALID_STOPPED_CARD")
         elif outcome == "transient":
             # Processed by Toss: the key is spent, so the order is looked up at once.
-            spent = self.fail(row, "transient")
+            spent = bl.serve(row, "FAILED_INTERNAL_SYSTEM_PROCESSING")
             assert (spent.status, spent.detail["next"]["action"]) == ("unknown", "lookup")
         elif outcome == "busy":
             # Not processed: the very same request goes again after a backoff.
-            assert self.fail(row, "busy").status == "queued"
+            assert bl.serve(row, "IDEMPOTENT_REQUEST_PROCESSING").status == "queued"
         elif outcome == "timeout_after":
-            self.toss.approve(order, row.amount, row.order_name)
-            self.unknown(row, "read timeout after 60 s")
+            assert bl.serve(row, "lost").status == "unknown"  # charged, the answer lost
         elif outcome == "timeout_before":
-            self.unknown(row, "connect timeout")
+            assert bl.serve(row, "unsent").status == "unknown"
         elif outcome == "duplicated":
-            self.toss.approve(order, row.amount, row.order_name)
-            assert self.fail(row, "duplicated").status == "unknown"
+            # Another request approved the order first: Toss answers DUPLICATED_ORDER_ID.
+            assert bl.stray_charge(row).payment is not None
+            assert bl.serve(row).status == "unknown"
         else:
             raise AssertionError(outcome)
-
-    def handle_refund(self, row: db.ClaimedRefund) -> None:
-        reply = self.toss.cancel(
-            row.payment_key, row.cancel_amount, row.cancel_reason, str(row.idempotency_key)
-        )
-        result = self.bl.run(db.service_record_refund_result(row.refund_id, row.lease_token, reply))
-        assert result.status == "succeeded"
-        # Toss tells the webhook endpoint too, and delivers it twice.
-        body = {
-            "eventType": "PAYMENT_STATUS_CHANGED",
-            "createdAt": "2028-01-01T00:00:00.000000",
-            "data": reply,
-        }
-        ingest = db.service_ingest_webhook(
-            f"whtrans_{uuid.uuid4().hex}", "PAYMENT_STATUS_CHANGED", body
-        )
-        first = self.bl.run(ingest)
-        again = self.bl.run(ingest)
-        assert first.duplicate is False
-        assert again.duplicate is True
-        assert again.webhook_event_id == first.webhook_event_id
-        self.duplicate_webhooks += 1
-
-    def handle_webhook(self, row: db.ClaimedWebhook) -> None:
-        kind, data = row.event_type, row.payload["data"]
-        if kind == "PAYMENT_STATUS_CHANGED":
-            # Never trusted as sent: re-fetch the payment and apply that snapshot.
-            self.bl.run(db.service_apply_payment_snapshot(self.toss.snapshot(data["paymentKey"])))
-        elif kind == "BILLING_DELETED":
-            assert "billingKey" not in data
-            self.bl.run(
-                db.service_mark_payment_method_deleted(data["billingKeySha256"], data["reason"])
-            )
-        else:
-            raise AssertionError(kind)
-        done = self.bl.run(
-            db.service_record_webhook_result(
-                row.webhook_event_id, row.lease_token, db.WebhookOutcome.PROCESSED
-            )
-        )
-        assert (done.status, done.changed) == ("processed", True)
-
-    def handle_key_deletion(self, row: db.ClaimedKeyDeletion) -> None:
-        key = KEYRING.open(row.billing_key_ciphertext, row.billing_key_key_id, row.customer_key)
-        self.toss.deleted_keys.add(key)
-        self.bl.run(db.service_record_key_deleted(row.key_deletion_id, row.lease_token))
-        self.billing_deleted_webhook(key, "삭제 API 요청")
-
-    def billing_deleted_webhook(self, billing_key: str, reason: str) -> None:
-        body = {
-            "eventType": "BILLING_DELETED",
-            "createdAt": "2028-01-01T00:00:00.000000",
-            "data": {"billingKey": billing_key, "reason": reason},
-        }
-        self.bl.run(db.service_ingest_webhook(f"whtrans_{uuid.uuid4().hex}", None, body))
 
     # --- time -----------------------------------------------------------------------------
     def next_due(self) -> datetime | None:
@@ -259,9 +206,9 @@ def periods(bl: Billing, subscription_id: Any) -> list[Row]:
     )
 
 
-def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
+def test_a_year_of_billing(bl: Billing) -> None:
     bl.enable_clock(START)
-    sim = Sim(bl, toss)
+    sim = Sim(bl)
     sim.scripts.update(
         alice=["busy"],
         bob=["ok", "ok", "decline", "decline"],
@@ -333,7 +280,8 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
                  join billing.payment_methods pm on pm.id = s.payment_method_id
                 where s.user_id = 'erin' and s.status = 'active'"""
         )
-        sim.billing_deleted_webhook(sim.billing_keys[pm["billing_key_sha256"]], "카드사 요청")
+        # The card company ends the key at Toss, which tells the service by BILLING_DELETED.
+        assert sim.toss.delete_billing_key(sim.billing_keys[pm["billing_key_sha256"]]).ok
 
     def grace_cancel() -> None:
         out = bl.api("grace", "cancel_subscription")
@@ -385,8 +333,9 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
     def reconcile() -> None:
         # Daily reconciliation: every approval Toss knows of must be in the ledger.
         known = {r["payment_key"] for r in bl.all("select payment_key from billing.payments")}
-        for payment in toss.payments.values():
-            if payment["paymentKey"] not in known:
+        for approval in sim.toss.approvals():
+            if approval["paymentKey"] not in known:
+                payment = sim.toss.payment(approval["paymentKey"])
                 sim.bl.run(db.service_apply_payment_snapshot(payment))
                 checks.setdefault("reconciled", 0)
                 checks["reconciled"] += 1
@@ -645,14 +594,19 @@ def test_a_year_of_billing(bl: Billing, toss: FakeToss) -> None:
     assert kinds["erin", "card_needed"] == 3  # dead card, key deleted, renewal without a card
     assert kinds["alice", "renewed"] == 12
     assert kinds["alice", "activated"] == 1
-    assert sim.duplicate_webhooks == bl.scalar(
-        "select count(*) from billing.refunds where status = 'succeeded'"
+    # Toss told the service of every refund that changed its payment's status (all but alice's
+    # second partial one, after which the payment stays PARTIAL_CANCELED) and of every key that
+    # ended; each was delivered twice and stored once.
+    refunds = bl.scalar("select count(*) from billing.refunds where status = 'succeeded'")
+    assert sim.delivered["PAYMENT_STATUS_CHANGED"] == refunds - 1
+    assert sim.delivered["BILLING_DELETED"] == bl.scalar(
+        "select count(*) from billing.payment_methods where status = 'deleted'"
     )
 
-    check_invariants(bl, toss)
+    check_invariants(bl)
 
 
-def check_invariants(bl: Billing, toss: FakeToss) -> None:
+def check_invariants(bl: Billing) -> None:
     def none(query: str, params: Any = None) -> None:
         rows = bl.all(query, params)
         assert rows == [], (query, rows)
@@ -669,9 +623,10 @@ def check_invariants(bl: Billing, toss: FakeToss) -> None:
         r["order_id"]: r["period_id"]
         for r in bl.all("select order_id, period_id from billing.charge_attempts")
     }
+    held = bl.sandbox.balances()
     kept: Counter[Any] = Counter()
-    for payment in toss.payments.values():
-        kept[period_of[payment["orderId"]]] += payment["balanceAmount"]
+    for approval in bl.sandbox.approvals():
+        kept[period_of[approval["orderId"]]] += held[approval["paymentKey"]]
     amounts = {
         r["id"]: r["amount"] for r in bl.all("select id, amount from billing.billing_periods")
     }
@@ -683,7 +638,7 @@ def check_invariants(bl: Billing, toss: FakeToss) -> None:
         r["payment_key"]: r["balance_amount"]
         for r in bl.all("select payment_key, balance_amount from billing.payments")
     }
-    assert ledger == {p["paymentKey"]: p["balanceAmount"] for p in toss.payments.values()}
+    assert ledger == held
     none(
         """select p.id from billing.payments p
             where p.total_amount - p.balance_amount
