@@ -31,8 +31,9 @@ import httpx
 import psycopg
 
 from service import db
+from service.runtime import browser
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = browser.CHROMIUM
 
 
 class DemoError(Exception):
@@ -243,10 +244,7 @@ class Browser:
         from playwright.sync_api import sync_playwright
 
         self._pw = sync_playwright().start()
-        self._browser = self._pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"],
-        )
+        self._browser = browser.launch(self._pw)
 
     def __enter__(self) -> Self:
         return self

@@ -61,6 +61,17 @@ def _postgres_can_reach(path: Path) -> bool:
     return subprocess.run(probe, check=False, capture_output=True).returncode == 0
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LocalRuntimeError(Exception):
     """The local runtime could not do what was asked; the message says why."""
 

@@ -24,23 +24,13 @@ from pathlib import Path
 from types import FrameType
 
 from service.runtime.api import ApiNotInstalledError, DataApi
-from service.runtime.cluster import LocalRuntimeError, Runtime
+from service.runtime.cluster import LocalRuntimeError, Runtime, pid_alive
 
 RUN_DIR_FLAG = "--run-dir"
 
 
 def _pidfile(rt: Runtime) -> Path:
     return rt.run_dir / "net-supervisor.pid"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _cmdline(pid: int) -> list[bytes]:
@@ -75,7 +65,7 @@ def networker_pid(rt: Runtime) -> int | None:
         pid = int(_pidfile(rt).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if _alive(pid) and _is_supervisor(pid) else None
+    return pid if pid_alive(pid) and _is_supervisor(pid) else None
 
 
 def orphans(rt: Runtime) -> list[int]:
@@ -97,10 +87,10 @@ def _end(pids: list[int], timeout: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in pids:
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from service.runtime import migrations
-from service.runtime.cluster import BASE_DB, Runtime
+from service.runtime.cluster import BASE_DB, Runtime, pid_alive
 
 _LOCK_KEY = 5472_2001  # advisory lock serialising template builds across test processes
 
@@ -102,16 +102,6 @@ def migrated_template(rt: Runtime) -> str:
             lock_conn.execute("select pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep(rt: Runtime, prefix: str = "test") -> None:
     """Drop test databases left behind by runs that ended (a concurrent run keeps its own)."""
     with rt.connect("template1") as conn:
@@ -120,7 +110,7 @@ def sweep(rt: Runtime, prefix: str = "test") -> None:
         ).fetchall()
         for (name,) in rows:
             owner = str(name).split("_")[1]
-            if owner.isdigit() and _alive(int(owner)):
+            if owner.isdigit() and pid_alive(int(owner)):
                 continue
             _drop(conn, str(name))
 

@@ -14,8 +14,8 @@ from playwright.sync_api import sync_playwright
 from service import cli
 from service.app import issue_idempotency_key
 from service.crypto import Keyring
-
-CHROMIUM = "/usr/bin/chromium"
+from service.runtime.browser import CHROMIUM
+from service.runtime.browser import launch as browser_launch
 
 
 @pytest.mark.slow
@@ -24,17 +24,7 @@ CHROMIUM = "/usr/bin/chromium"
 def test_the_hosted_card_page_registers_a_card_in_a_real_browser(stack: Stack) -> None:
     reg = stack.bl.api("b1", "begin_registration", "pro")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-background-networking",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = browser_launch(playwright)
         try:
             page = browser.new_page()
             page.goto(f"{stack.service.url}/billing/cards/{reg['customerKey']}")

@@ -21,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
+from service.runtime.browser import CHROMIUM
+from service.runtime.browser import launch as browser_launch
 from service.toss import TossClient
 
-CHROMIUM = "/usr/bin/chromium"
 CUSTOMER_KEY = "cus_7d1e5a40-browser"
 
 pytestmark = [
@@ -82,17 +83,7 @@ def _query(url: str) -> dict[str, list[str]]:
 
 def test_card_registration_in_a_real_browser(server: LiveServer, merchant: LiveServer) -> None:
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-background-networking",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = browser_launch(playwright)
         try:
             page = browser.new_page()
 
