@@ -182,18 +182,6 @@ def live_subscriptions() -> db.Call[dict[str, LiveSubscription]]:
     )
 
 
-def work_left() -> db.Call[int]:
-    """Rows the service could claim now or holds under a lease, over every queue (as the service
-    role: the same numbers as its /metrics)."""
-    return db.Call(
-        "work_left",
-        "select coalesce(sum(ready + leased), 0)::bigint as result"
-        " from billing.service_queue_depths()",
-        {},
-        lambda rows: int(_scalar(rows)),
-    )
-
-
 # ---------------------------------------------------------------------------- card pages
 
 

@@ -165,7 +165,9 @@ class Demo:
                     f"the service did not drain its queues within {DRAIN_TIMEOUT_S:.0f} s; "
                     f"see its log in {self.stack.dir}"
                 )
-            if db.run_sync(w.service, actors.work_left()) or actors.webhooks_pending(w.toss):
+            if _work_left(
+                db.run_sync(w.service, db.service_queue_depths())
+            ) or actors.webhooks_pending(w.toss):
                 quiet = 0
                 time.sleep(0.02)
             else:
@@ -363,3 +365,8 @@ def main(options: Options) -> int:
         "  start over       .venv/bin/saju-billing demo --fresh"
     )
     return 0 if result.invariants.ok else 1
+
+
+def _work_left(depths: dict[str, dict[str, int]]) -> int:
+    """Rows the service could claim now or holds under a lease, over every queue."""
+    return sum(q["ready"] + q["leased"] for q in depths.values())
