@@ -32,6 +32,8 @@ import psycopg
 
 from service import db
 from service.runtime import browser
+from service.runtime.api import DataApi
+from service.runtime.signin import call_api, sign_in
 
 CHROMIUM = browser.CHROMIUM
 
@@ -63,16 +65,13 @@ def _api(conn: psycopg.Connection[Any], user_id: str, email: str | None, call: d
         return db.run_sync(conn, call)
 
 
-def begin_registration(conn: psycopg.Connection[Any], user_id: str, email: str) -> str:
-    """``api.begin_registration('pro')`` as the signed-in subscriber; returns the customerKey."""
-    call: db.Call[Any] = db.Call(
-        "begin_registration",
-        "select api.begin_registration(plan => %(plan)s::text) as result",
-        {"plan": "pro"},
-        lambda rows: _scalar(rows)["customerKey"],
-    )
-    customer_key: str = _api(conn, user_id, email, call)
-    return customer_key
+def begin_registration(api: DataApi, user_id: str, email: str) -> str:
+    """``api.begin_registration('pro')`` through the Data API (PostgREST behind the gateway, the
+    ``supabase`` client) with the subscriber's own access token, as the app does; returns the
+    customerKey."""
+    signed = sign_in(api, user_id, email=email)
+    result = call_api(api, signed.access_token, "begin_registration", {"plan": "pro"})
+    return str(result["customerKey"])
 
 
 def cancel_subscription(conn: psycopg.Connection[Any], user_id: str) -> None:

@@ -37,6 +37,7 @@ from service.demo import actors, render, report
 from service.demo.actors import DemoError, Endpoints
 from service.demo.scenario import Subscriber, plan
 from service.runtime import stack as stack_mod
+from service.runtime.api import DataApi
 from service.runtime.cluster import Runtime
 
 KST = ZoneInfo("Asia/Seoul")
@@ -101,6 +102,8 @@ class Demo:
         self.console = console
         self.rt = Runtime.from_env()
         self.stack = stack_mod.Stack(self.rt)
+        # Subscribers reach the api functions the way an app does: PostgREST behind the gateway.
+        self.data_api = DataApi.from_env(self.rt)
         self.tally = Tally()
         self.fixed_since: dict[str, datetime] = {}  # user -> trouble episode already fixed
         self.cards_used: dict[str, int] = {}  # user -> good cards registered so far
@@ -177,7 +180,7 @@ class Demo:
     # ------------------------------------------------------------------------------ people
 
     def register(self, w: Wires, sub: Subscriber, card: str, browser: bool = False) -> None:
-        customer_key = actors.begin_registration(w.owner, sub.user_id, sub.email)
+        customer_key = actors.begin_registration(self.data_api, sub.user_id, sub.email)
         if browser and w.browser is not None:
             w.browser.register_card(w.ep, customer_key, card)
         else:

@@ -10,6 +10,7 @@ lose their billing key at Toss.
 from __future__ import annotations
 
 import random
+import uuid
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -50,6 +51,10 @@ _NEEDS_RENEWAL = frozenset({Persona.RENEWAL_DECLINE_RECOVERS, Persona.RENEWAL_DE
 _GOOD_PREFIXES = ("9410", "5310", "3610", "6210")
 
 
+# Namespace of the demo's user ids (uuid5), so a seed always signs up the same users.
+_USERS = uuid.UUID("5a1d7e00-0000-4000-8000-000000000001")
+
+
 @dataclass(frozen=True, slots=True)
 class Subscriber:
     index: int
@@ -67,7 +72,8 @@ class Subscriber:
 
     @property
     def user_id(self) -> str:
-        return f"demo-user-{self.index:04d}"
+        """The subscriber's Supabase Auth user id (the JWT sub): the same on every run."""
+        return str(uuid.uuid5(_USERS, f"demo-user-{self.index:04d}"))
 
     @property
     def email(self) -> str:

@@ -71,9 +71,14 @@ def _parse_user(user: str) -> tuple[uuid.UUID | None, str | None]:
         return None, user.lower()
 
 
-def sign_in(api: DataApi, user: str, *, now: float | None = None) -> SignedIn:
-    """Create the user (by uuid or email) in ``auth.users`` if needed and mint its token."""
+def sign_in(
+    api: DataApi, user: str, *, email: str | None = None, now: float | None = None
+) -> SignedIn:
+    """Create the user (by uuid or email) in ``auth.users`` if needed and mint its token.
+
+    ``email`` gives a user created by uuid its address (a user found keeps theirs)."""
     wanted_id, wanted_email = _parse_user(user)
+    wanted_email = wanted_email or (email.lower() if email else None)
     with psycopg.connect(api.rt.dsn(api.dbname, ADMIN_USER), autocommit=True) as conn:
         row = conn.execute(_FIND_USER, {"id": wanted_id, "email": wanted_email}).fetchone()
         if row is not None:

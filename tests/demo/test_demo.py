@@ -61,6 +61,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         **os.environ,
         "SAJU_RUNTIME_DIR": str(base),
         "SAJU_DB_PORT": str(db_port),
+        # Its own Data API (gateway and PostgREST), beside the session's runtime.
+        "SAJU_API_PORT": str(free_port()),
+        "SAJU_REST_PORT": str(free_port()),
         "SAJU_SANDBOX_PORT": str(sandbox_port),
         "SAJU_SERVICE_PORT": str(service_port),
     }
