@@ -358,17 +358,23 @@ def main(options: Options) -> int:
     for p in paths:
         console.print(f"  {p}")
     st = demo.stack
+    cli = ".venv/bin/saju-billing"
     console.print(
-        "\n[bold]The system is still running[/] (on the demo's test clock):\n"
+        "\n[bold]The system is still running[/] (on the demo's test clock; run these from the "  # noqa: S608 - directions, not a query
+        "repository root, with the same SAJU_* variables if you set any):\n"
         f"  billing service  {st.service_url}   (/metrics, /openapi.json, "
-        f"/billing/cards/<customerKey>)\n"
+        "/billing/cards/<customerKey>)\n"
         f"  Toss sandbox     {st.sandbox_url}   (/_sandbox/ledger, /_sandbox/webhooks)\n"
+        f"  Data API         {demo.data_api.url}/rest/v1/   (keys: {cli} db status; "
+        f"a subscriber's token: {cli} token --user <email>)\n"
         f"  database         {demo.rt.dsn()}\n"
-        "  psql             .venv/bin/saju-billing db psql\n"
-        "                   (the tables are in schema billing: \\dt billing.*)\n"
-        f"  logs             {st.dir}   (.venv/bin/saju-billing stack status)\n"
-        "  stop             .venv/bin/saju-billing stack down\n"
-        "  start over       .venv/bin/saju-billing demo --fresh"
+        f"  psql             {cli} db psql   (tables in schema billing: \\dt billing.*)\n"
+        f"  as the analyst   {cli} db psql -c 'set role analyst' "
+        "-c 'select * from analytics.mrr_by_month'\n"
+        f"  as support       {cli} ops status   ({cli} ops alerts, ops history <user id>)\n"
+        f"  logs             {st.dir}   ({cli} stack status)\n"
+        f"  stop             {cli} stack down   (the service, the sandbox and the database)\n"
+        f"  start over       {cli} demo --fresh"
     )
     return 0 if result.invariants.ok else 1
 

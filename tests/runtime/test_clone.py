@@ -59,8 +59,11 @@ def test_a_clone_gives_up_with_a_clear_error_when_the_session_stays(
     rt: Runtime, busy_template: str
 ) -> None:
     target = f"{busy_template}_copy"
-    with psycopg.connect(rt.dsn(busy_template), autocommit=True):
-        with rt.connect("template1") as conn, pytest.raises(LocalRuntimeError) as refused:
-            create_database(conn, target, template=busy_template, timeout=0)
+    with (
+        psycopg.connect(rt.dsn(busy_template), autocommit=True),
+        rt.connect("template1") as conn,
+        pytest.raises(LocalRuntimeError) as refused,
+    ):
+        create_database(conn, target, template=busy_template, timeout=0)
     assert "another session stays in it" in str(refused.value)
     assert not _exists(rt, target)
