@@ -12,7 +12,12 @@ config = context.config
 
 
 def _url() -> str:
-    url = config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL", "")
+    # `alembic upgrade head` from the repository root reads pyproject.toml and has no alembic.ini,
+    # whose [alembic] section get_main_option would insist on: then DATABASE_URL says where.
+    configured = config.file_config.has_section(config.config_ini_section)
+    url = (configured and config.get_main_option("sqlalchemy.url")) or os.environ.get(
+        "DATABASE_URL", ""
+    )
     if not url:
         raise SystemExit("set DATABASE_URL (postgresql://…) or sqlalchemy.url")
     if url.startswith("postgresql://") or url.startswith("postgres://"):

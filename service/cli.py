@@ -243,6 +243,8 @@ def _bench_scale(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service import ops
+
     parser = argparse.ArgumentParser(prog="saju-billing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -343,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--doorbell-token", default=None, help="default: a new random token")
     cf.add_argument(
         "--database-url",
-        default=os.environ.get(
-            "DATABASE_URL", "postgresql://postgres:postgres@127.0.0.1:54322/postgres"
-        ),
+        default=os.environ.get("DATABASE_URL", ops.LOCAL_DATABASE),
         help="the database, as its owner (postgres); default: $DATABASE_URL or the local runtime",
     )
     cf.set_defaults(func=_configure)
@@ -355,8 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("action", choices=["up", "down", "status"])
     st.set_defaults(func=_stack)
-
-    from service import ops
 
     ops.add_parser(sub)
 

@@ -23,7 +23,10 @@ from rich.table import Table
 
 from service import db
 
-LOCAL_DATABASE = "postgresql://postgres:postgres@127.0.0.1:54322/postgres"
+# The local runtime's main database (its port follows SAJU_DB_PORT, as the runtime's does).
+LOCAL_DATABASE = (
+    f"postgresql://postgres:postgres@127.0.0.1:{os.environ.get('SAJU_DB_PORT', '54322')}/postgres"
+)
 
 # What a refusal means, in the words of the SQLSTATE table (README).
 MEANING = {
@@ -136,6 +139,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except psycopg.OperationalError as exc:
         print(f"saju-billing ops: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    except (psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedFunction) as exc:
+        print(
+            f"saju-billing ops: this database is not migrated ({exc.diag.message_primary}); "
+            "apply the migrations first (saju-billing db migrate locally, supabase db push or "
+            "alembic upgrade head on a hosted project)",
+            file=sys.stderr,
+        )
         return 1
     _show(kind, result, args.json, console)
     return 0

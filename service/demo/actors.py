@@ -1,14 +1,15 @@
 """What the demo's people and Toss do to the running system, each through its real entry point.
 
-* Subscribers call the ``api`` functions in a session signed in with their JWT claims (role
-  ``authenticated`` + ``request.jwt.claims``, as PostgREST sets them). ``begin_registration`` is
-  the one place a subscriber starts a card registration, so a Data API client can replace it.
+* Subscribers use the app (``App``): each signs in once and calls the ``api`` functions through
+  the Data API (PostgREST behind the gateway) with the ``supabase`` client and their own access
+  token, as on a hosted project.
 * A card is registered the way a browser does it: the service's hosted card page, the Toss SDK's
   card window (the sandbox's stand-in), the success redirect back to the service, which issues
   the billing key. ``register_card_http`` follows the redirects by hand; ``Browser`` clicks
   through them in headless Chromium.
-* The operator and the scheduler call ``billing.*`` as the owner; the demo reads queue depths as
-  the service role.
+* Support refunds through the operator functions ``saju-billing ops`` runs (``ops history`` to
+  find the payment, ``ops refund``); the scheduler's steps (the test clock, ``billing.tick()``)
+  run as the owner; the demo reads queue depths as the service role.
 * Toss deletes a billing key with ``DELETE /v1/billing/{billingKey}`` at the sandbox, which then
   sends ``BILLING_DELETED`` to the service.
 
@@ -18,7 +19,7 @@ Every SQL statement the driver sends is here, one named ``db.Call`` each.
 from __future__ import annotations
 
 import base64
-import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ from typing import Any, Self
 from uuid import UUID
 
 import httpx
-import psycopg
+from postgrest.exceptions import APIError
 
 from service import db
-from service.runtime import browser
+from service.runtime import browser, signin
 from service.runtime.api import DataApi
 from service.runtime.signin import call_api, sign_in
+from supabase import Client
 
 CHROMIUM = browser.CHROMIUM
 
@@ -49,53 +51,78 @@ def _scalar(rows: list[db.Row]) -> Any:
 # ------------------------------------------------------------------------------ subscribers
 
 
-def _as_subscriber(conn: psycopg.Connection[Any], user_id: str, email: str | None) -> None:
-    """Signs the current transaction in as the subscriber (what PostgREST does per request)."""
-    claims = {"sub": user_id, "role": "authenticated", **({"email": email} if email else {})}
-    conn.execute(
-        "select pg_catalog.set_config('role', 'authenticated', true), "
-        "pg_catalog.set_config('request.jwt.claims', %(claims)s::text, true)",
-        {"claims": json.dumps(claims)},
-    )
+class Refused(Exception):
+    """The Data API refused a subscriber's call (HTTP 4xx, code SBxxx): what the app would show,
+    and nothing changed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
 
 
-def _api(conn: psycopg.Connection[Any], user_id: str, email: str | None, call: db.Call[Any]) -> Any:
-    with conn.transaction():
-        _as_subscriber(conn, user_id, email)
-        return db.run_sync(conn, call)
+# Renew a token this long before it expires (a long demo outlives Supabase Auth's one hour).
+_TOKEN_MARGIN_S = 120
+
+
+class App:
+    """The product's app in each subscriber's hands: signed in once with an access token of their
+    own, then calling ``api.*`` through the Data API (PostgREST behind the gateway) with the
+    ``supabase`` client, which is what RLS and the api functions see on a hosted project."""
+
+    def __init__(self, api: DataApi) -> None:
+        self._api = api
+        self._http = httpx.Client(timeout=60)
+        self._sessions: dict[str, tuple[Client, int]] = {}  # user id -> (client, token expiry)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._http.close()
+
+    def _signed_in(self, user_id: str, email: str) -> Client:
+        session = self._sessions.get(user_id)
+        if session is None or session[1] - _TOKEN_MARGIN_S < time.time():
+            signed = sign_in(self._api, user_id, email=email)
+            session = (signin.client(self._api, signed.access_token, self._http), signed.expires_at)
+            self._sessions[user_id] = session
+        return session[0]
+
+    def call(self, user_id: str, email: str, fn: str, params: dict[str, Any] | None = None) -> Any:
+        """``api.<fn>`` as the subscriber; a refusal (SBxxx) raises ``Refused``."""
+        try:
+            return signin.rpc(self._signed_in(user_id, email), fn, params)
+        except APIError as exc:
+            if exc.code and exc.code.startswith("SB"):
+                raise Refused(exc.code, exc.message or "") from None
+            raise
+
+    def begin_registration(self, user_id: str, email: str) -> str:
+        """Starts a card registration for the Pro plan; returns the customerKey."""
+        return str(self.call(user_id, email, "begin_registration", {"plan": "pro"})["customerKey"])
+
+    def cancel_subscription(self, user_id: str, email: str) -> None:
+        """Cancels at the end of the paid period (at once when nothing is paid)."""
+        self.call(user_id, email, "cancel_subscription")
+
+    def resume_subscription(self, user_id: str, email: str) -> None:
+        self.call(user_id, email, "resume_subscription")
+
+    def consume_credit(self, user_id: str, email: str, reason: str) -> None:
+        self.call(user_id, email, "consume_credit", {"reason": reason})
 
 
 def begin_registration(api: DataApi, user_id: str, email: str) -> str:
-    """``api.begin_registration('pro')`` through the Data API (PostgREST behind the gateway, the
-    ``supabase`` client) with the subscriber's own access token, as the app does; returns the
-    customerKey."""
+    """``api.begin_registration('pro')`` through the Data API with the subscriber's own access
+    token, on a connection of its own; returns the customerKey."""
     signed = sign_in(api, user_id, email=email)
     result = call_api(api, signed.access_token, "begin_registration", {"plan": "pro"})
     return str(result["customerKey"])
-
-
-def cancel_subscription(conn: psycopg.Connection[Any], user_id: str) -> None:
-    call: db.Call[None] = db.Call(
-        "cancel_subscription", "select api.cancel_subscription()", {}, lambda rows: None
-    )
-    _api(conn, user_id, None, call)
-
-
-def resume_subscription(conn: psycopg.Connection[Any], user_id: str) -> None:
-    call: db.Call[None] = db.Call(
-        "resume_subscription", "select api.resume_subscription()", {}, lambda rows: None
-    )
-    _api(conn, user_id, None, call)
-
-
-def consume_credit(conn: psycopg.Connection[Any], user_id: str, reason: str) -> None:
-    call: db.Call[None] = db.Call(
-        "consume_credit",
-        "select api.consume_credit(reason => %(reason)s::text)",
-        {"reason": reason},
-        lambda rows: None,
-    )
-    _api(conn, user_id, None, call)
 
 
 # ---------------------------------------------------------------------- owner and scheduler
@@ -136,24 +163,20 @@ def tick() -> db.Call[dict[str, Any]]:
     return db.Call("tick", "select billing.tick() as result", {}, lambda rows: _scalar(rows))
 
 
-def request_refund(payment_id: UUID, amount: int | None, reason: str) -> db.Call[UUID]:
-    return db.Call(
-        "request_refund",
-        "select billing.request_refund(payment_id => %(payment_id)s::uuid, "
-        "amount => %(amount)s::bigint, reason => %(reason)s::text) as result",
-        {"payment_id": payment_id, "amount": amount, "reason": reason},
-        lambda rows: rows[0]["result"],
-    )
+def latest_payment(user_id: str) -> db.Call[UUID | None]:
+    """The subscriber's latest payment, as support finds it: ``saju-billing ops history <user>``
+    lists every audited change, payments among them."""
+    history = db.ops_history(user_id)
 
+    def pick(rows: list[db.Row]) -> UUID | None:
+        made = [
+            r["entity_id"]
+            for r in history.read(rows)
+            if r["entity_type"] == "payments" and r["action"] == "created"
+        ]
+        return made[-1] if made else None
 
-def latest_refundable_payment(user_id: str) -> db.Call[UUID | None]:
-    return db.Call(
-        "latest_refundable_payment",
-        "select p.id from billing.payments p where p.user_id = %(user_id)s::text and p.applied"
-        " and p.status = 'DONE' order by p.approved_at desc limit 1",
-        {"user_id": user_id},
-        lambda rows: rows[0]["id"] if rows else None,
-    )
+    return db.Call("latest_payment", history.query, history.params, pick)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from datetime import date
 from pathlib import Path
 
 import jinja2
@@ -46,22 +47,37 @@ def _thousands(ax: Axes) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
 
 
-def _months(report: Report) -> list[str]:
-    return [f"{m.month:%Y-%m}" for m in report.mrr]
+def _label(month: date) -> str:
+    return f"{month:%Y-%m}"
 
 
 def chart_mrr(report: Report) -> str:
     fig, ax = plt.subplots(figsize=(8, 3.2))
-    labels = _months(report)
-    ax.bar(labels, [m.mrr for m in report.mrr], color=_COLORS["blue"])
+    labels = [_label(m.month) for m in report.mrr]
+    ax.bar(labels, [m.mrr for m in report.mrr], color=_COLORS["blue"], label="MRR (KRW)")
     ax.set_ylabel("MRR (KRW)")
     _thousands(ax)
     twin = ax.twinx()
-    twin.plot(labels, [m.paying for m in report.mrr], color=_COLORS["orange"], marker="o")
-    twin.set_ylabel("paying subscribers")
+    twin.plot(
+        labels,
+        [m.paying_subscriptions for m in report.mrr],
+        color=_COLORS["orange"],
+        marker="o",
+        label="paying subscriptions",
+    )
+    twin.set_ylabel("paying subscriptions")
     twin.set_ylim(bottom=0)
-    ax.set_title("MRR and paying subscribers at each month's end")
+    ax.set_title("MRR and paying subscriptions at each month's end", pad=26)
     ax.tick_params(axis="x", rotation=45)
+    bars, line = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+    ax.legend(
+        bars[0] + line[0],
+        bars[1] + line[1],
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=2,
+        frameon=False,
+    )
     return _svg(fig)
 
 
@@ -83,21 +99,23 @@ def _grouped(
 
 def chart_movements(report: Report) -> str:
     mv = report.movements
+    dunning = {m.month: m.recovered for m in report.dunning}
     return _grouped(
-        [f"{m.month:%Y-%m}" for m in mv],
+        [_label(m.month) for m in mv],
         {
-            "new": ([m.new for m in mv], _COLORS["green"]),
+            "new": ([m.new_subscriptions for m in mv], _COLORS["green"]),
+            "reactivated": ([m.reactivated for m in mv], _COLORS["blue"]),
             "churned": ([m.churned for m in mv], _COLORS["red"]),
-            "recovered": ([m.recovered for m in mv], _COLORS["purple"]),
+            "recovered from dunning": ([dunning.get(m.month, 0) for m in mv], _COLORS["purple"]),
         },
-        "New, churned and recovered by month",
-        "subscriptions / periods",
+        "New, reactivated, churned and recovered by month",
+        "subscriptions",
     )
 
 
 def chart_charges(report: Report) -> str:
     fig, ax = plt.subplots(figsize=(8, 3.2))
-    labels = [f"{m.month:%Y-%m}" for m in report.charges]
+    labels = [_label(m.month) for m in report.charges]
     ok = [m.succeeded for m in report.charges]
     declined = [m.declined for m in report.charges]
     failed = [m.failed for m in report.charges]
@@ -110,11 +128,11 @@ def chart_charges(report: Report) -> str:
         color=_COLORS["orange"],
         label="failed",
     )
-    ax.set_ylim(0, max([1, *(m.succeeded + m.declined + m.failed for m in report.charges)]) * 1.15)
+    ax.set_ylim(0, max([1, *(m.attempts for m in report.charges)]) * 1.15)
     ax.set_ylabel("charge attempts")
-    ax.set_title("Charge attempts by outcome")
+    ax.set_title("Settled charge attempts by outcome")
     ax.tick_params(axis="x", rotation=45)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper left")
     return _svg(fig)
 
 
@@ -122,15 +140,16 @@ def _horizontal(labels: Sequence[str], values: Sequence[int], title: str, color:
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(3, len(labels)) + 0.8))
     ax.barh(list(labels)[::-1], list(values)[::-1], color=color)
     for y, v in enumerate(list(values)[::-1]):
-        ax.text(v, y, f" {v}", va="center")
+        ax.text(v, y, f" {v:,}", va="center")
+    ax.set_xlim(0, max([1, *values]) * 1.15)
     ax.set_title(title)
     return _svg(fig)
 
 
 def chart_statuses(report: Report) -> str:
     return _horizontal(
-        list(report.statuses),
-        list(report.statuses.values()),
+        [s.status for s in report.statuses],
+        [s.subscriptions for s in report.statuses],
         "Subscriptions by status now",
         _COLORS["blue"],
     )
@@ -138,9 +157,9 @@ def chart_statuses(report: Report) -> str:
 
 def chart_declines(report: Report) -> str:
     return _horizontal(
-        [f"{d.code} ({d.classification})" for d in report.declines],
+        [f"{d.error_code} ({d.classification})" for d in report.declines],
         [d.attempts for d in report.declines],
-        "Failed charge attempts by Toss code",
+        "Declined and failed charge attempts by Toss code",
         _COLORS["red"],
     )
 
@@ -148,53 +167,71 @@ def chart_declines(report: Report) -> str:
 def chart_revenue(report: Report) -> str:
     rv = report.revenue
     return _grouped(
-        [f"{m.month:%Y-%m}" for m in rv],
+        [_label(m.month) for m in rv],
         {
             "gross": ([m.gross for m in rv], _COLORS["blue"]),
             "refunded": ([m.refunded for m in rv], _COLORS["red"]),
-            "net": ([m.gross - m.refunded for m in rv], _COLORS["green"]),
+            "net": ([m.net for m in rv], _COLORS["green"]),
         },
-        "Revenue by month (KRW)",
+        "Revenue by month (KRW, cash basis)",
         "KRW",
     )
+
+
+def cohort_table(report: Report) -> tuple[list[int], list[tuple[str, int, list[float | None]]]]:
+    """The retention triangle: (months since start, [(cohort, size, rate per month or None)])."""
+    width = 1 + max((c.months_since_start for c in report.cohorts), default=0)
+    rows: dict[date, tuple[int, list[float | None]]] = {}
+    for c in report.cohorts:
+        rates = rows.setdefault(c.cohort_month, (c.cohort_size, [None] * width))[1]
+        rates[c.months_since_start] = float(c.retention_rate)
+    return list(range(width)), [(_label(m), n, r) for m, (n, r) in rows.items()]
 
 
 def text(report: Report, people: Mapping[str, object]) -> str:
     """The plain-text summary (also written to report.txt)."""
     r = report
+    inv = r.invariants
+    start = f"{r.clock.started_on:%Y-%m-%d}" if r.clock.started_on else "-"
     out = [
-        "saju-billing demo report",
-        f"simulated {r.span.started_at:%Y-%m-%d} .. {r.span.ended_at:%Y-%m-%d} (test clock), "
-        f"{r.span.customers} subscribers, {r.span.attempts} charge attempts, "
-        f"{r.span.webhooks} Toss webhooks",
+        "saju-billing demo report (figures from the analytics views, read as role analyst)",
+        f"simulated {start} .. {r.clock.as_of:%Y-%m-%d} (test clock), "
+        f"{r.subscriptions} subscriptions, {r.attempts} settled charge attempts",
         "",
-        "month     MRR (KRW)  paying  new  churned  recovered  succeeded  declined  failed",
+        "month     MRR (KRW)  paying  new  react.  churned  attempts  succeeded  declined  failed",
     ]
     for m, mv, c in zip(r.mrr, r.movements, r.charges, strict=True):
         out.append(
-            f"{m.month:%Y-%m}  {m.mrr:>11,}  {m.paying:>6}  {mv.new:>3}  {mv.churned:>7}  "
-            f"{mv.recovered:>9}  {c.succeeded:>9}  {c.declined:>8}  {c.failed:>6}"
+            f"{_label(m.month)}  {m.mrr:>11,}  {m.paying_subscriptions:>6}  "
+            f"{mv.new_subscriptions:>3}  {mv.reactivated:>6}  {mv.churned:>7}  {c.attempts:>8}  "
+            f"{c.succeeded:>9}  {c.declined:>8}  {c.failed:>6}"
         )
     out += [
         "",
-        "subscriptions by status: " + ", ".join(f"{k} {v}" for k, v in r.statuses.items()),
-        f"charge success rate: {r.success_rate:.1%}",
-        "decline reasons: " + (", ".join(f"{d.code} {d.attempts}" for d in r.declines) or "none"),
-        f"dunning: {r.dunning.periods} periods with a failed charge: {r.dunning.recovered} "
-        f"recovered, {r.dunning.lost} lost, {r.dunning.in_progress} in progress; "
-        f"mean {r.dunning.mean_days_to_recover:.1f} days to recover",
-        f"refunds: {r.refunds.succeeded} made ({r.refunds.full} full, {r.refunds.partial} "
-        f"partial) of {r.refunds.requested} requested, {won(r.refunds.amount)}",
-        f"credits: {r.credits.granted} granted, {r.credits.used} used, {r.credits.expired} "
-        f"expired, {r.credits.revoked} revoked",
+        "subscriptions by status: "
+        + ", ".join(f"{s.status} {s.subscriptions}" for s in r.statuses),
+        f"charge success rate: {r.success_rate:.1%}; by attempt number: "
+        + ", ".join(f"#{a.attempt_number} {a.success_rate:.0%}" for a in r.by_attempt),
+        "decline reasons: "
+        + (", ".join(f"{d.error_code} {d.attempts}" for d in r.declines) or "none"),
+        f"dunning: {r.dunning_total('episodes')} episodes: {r.dunning_total('recovered')} "
+        f"recovered, {r.dunning_total('lost')} lost, {r.dunning_total('in_progress')} in "
+        f"progress; recovery rate {r.recovery_rate:.0%}, "
+        f"mean {r.mean_hours_to_recover / 24:.1f} days to recover",
+        f"revenue: gross {won(r.revenue_total('gross'))}, refunded "
+        f"{won(r.revenue_total('refunded'))} in {r.revenue_total('refunds')} refunds, "
+        f"net {won(r.revenue_total('net'))}",
+        f"credits: {r.credits_total('granted')} granted, {r.credits_total('consumed')} used, "
+        f"{r.credits_total('expired')} expired, {r.credits_total('revoked')} revoked, "
+        f"{r.credits_total('remaining')} left",
         "people: " + ", ".join(f"{k} {v}" for k, v in people.items() if k != "refused"),
         "",
         "invariants (all must be 0):",
-        f"  periods charged twice at the sandbox: {r.invariants.periods_charged_twice}",
-        f"  approvals missing from the ledger:    {r.invariants.approvals_missing}",
-        f"  attempts left unknown:                {r.invariants.attempts_unknown}",
-        f"  money at Toss minus payments' balance: {r.invariants.money_difference}",
-        "  => " + ("OK" if r.invariants.ok else "VIOLATED"),
+        f"  periods charged twice at the sandbox: {inv.periods_charged_twice}",
+        f"  approvals missing from the ledger:    {inv.approvals_missing}",
+        f"  attempts left unknown:                {inv.attempts_unknown}",
+        f"  money at Toss minus payments' balance: {inv.money_difference}",
+        "  => " + ("OK" if inv.ok else "VIOLATED"),
     ]
     return "\n".join(out) + "\n"
 
@@ -207,6 +244,7 @@ _TEMPLATE = jinja2.Environment(
 
 
 def html(report: Report, people: Mapping[str, object]) -> str:
+    months, cohorts = cohort_table(report)
     charts = {
         "mrr": chart_mrr(report),
         "movements": chart_movements(report),
@@ -218,6 +256,8 @@ def html(report: Report, people: Mapping[str, object]) -> str:
     return _TEMPLATE.get_template("report.html").render(
         r=report,
         inv=asdict(report.invariants),
+        cohort_months=months,
+        cohorts=cohorts,
         people={k: v for k, v in people.items() if k != "refused"},
         # The SVG is matplotlib's own output from numbers and fixed labels: safe to inline.
         charts={k: markupsafe.Markup(v) for k, v in charts.items()},  # noqa: S704

@@ -1,22 +1,13 @@
-"""The demo report's figures: one named query per figure, read as the database's owner.
+"""The demo report's figures: read from the ``analytics`` views as the ``analyst`` role reads them.
 
-Each figure is one function running one SQL statement (the constant of the same name in capitals),
-so any of them can later read an ``analytics`` view instead without the rest changing. Months are
-calendar months in Asia/Seoul from the first subscription to ``billing.now()`` (the demo's test
-clock). Definitions:
+Every figure is one named query over one view (the constant of the same name in capitals), run
+after ``SET LOCAL ROLE analyst`` so the report can see nothing an analyst cannot; the definitions
+(what counts as churn, how a refund changes MRR, …) are the views' own, kept as their comments
+(``\\d+ analytics.mrr_by_month`` in psql). A query only orders the view's rows or sums them over
+months; totals across rows (success rate, recovery rate) are computed here from those rows.
 
-* MRR of a month: the amounts of the paid periods covering the month's last instant (``now`` for
-  the month still running), leaving out periods whose payment was refunded in full. The same
-  instant's count is the paying subscribers.
-* new: subscriptions whose first period was paid that month; churned: subscriptions that had paid
-  at least once and ended that month; recovered: periods paid that month after at least one failed
-  charge attempt (a dunning retry on the same card, or a new card).
-* charge success rate: succeeded / (succeeded + declined + failed) over charge attempts (withdrawn
-  attempts and duplicates are not outcomes).
-* dunning recovery: of the periods with a failed attempt, how many were paid in the end, lost
-  (unpaid or void), or are still open; and the mean time from the first failure to the payment.
-* invariants, against the Toss sandbox's ledger: periods approved twice, approvals missing from
-  ``billing.payments``, attempts left unknown, and the net money at Toss vs the payments' balances.
+The invariants are not analytics: they compare the Toss sandbox's ledger with the billing tables,
+so they are read first, as the owner, in the same snapshot.
 """
 
 from __future__ import annotations
@@ -24,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -31,146 +23,79 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 Row = dict[str, Any]
+ANALYST = "analyst"
 
-_MONTHS = """
-  with bounds as (
-    select date_trunc('month', min(s.created_at) at time zone 'Asia/Seoul') as first_month,
-           date_trunc('month', billing.now() at time zone 'Asia/Seoul') as last_month
-      from billing.subscriptions s
-  ), months as (
-    select m::date as month,
-           m at time zone 'Asia/Seoul' as starts_at,
-           (m + interval '1 month') at time zone 'Asia/Seoul' as ends_at,
-           least((m + interval '1 month') at time zone 'Asia/Seoul', billing.now()) as snapshot_at
-      from bounds, generate_series(bounds.first_month, bounds.last_month, interval '1 month') m
-  )
+CLOCK = """
+  select (select min(d.day) from analytics.calendar_days d) as started_on,
+         clk.as_of
+    from analytics.clock clk
 """
 
-# The month queries share the month series; every part is a constant.
-MRR_BY_MONTH = (
-    _MONTHS  # noqa: S608
-    + """
-  select mo.month, coalesce(sum(bp.amount), 0)::bigint as mrr,
-         count(bp.id)::integer as paying
-    from months mo
-    left join billing.billing_periods bp
-      on bp.status = 'paid' and bp.starts_at <= mo.snapshot_at and bp.ends_at > mo.snapshot_at
-     and not exists (select 1 from billing.payments p
-                      where p.id = bp.payment_id and p.balance_amount = 0)
-   group by mo.month
-   order by mo.month
+MRR_BY_MONTH = """
+  select month, measured_at, paying_subscriptions, mrr, arr
+    from analytics.mrr_by_month order by month
 """
-)
 
-MOVEMENTS_BY_MONTH = (
-    _MONTHS  # noqa: S608
-    + """
-  , firsts as (
-    select bp.subscription_id, min(bp.paid_at) as first_paid_at
-      from billing.billing_periods bp where bp.status = 'paid' group by bp.subscription_id
-  ), recovered as (
-    select bp.paid_at from billing.billing_periods bp
-     where bp.status = 'paid'
-       and exists (select 1 from billing.charge_attempts ca
-                    where ca.period_id = bp.id and ca.status in ('declined', 'failed'))
-  )
-  select mo.month,
-         (select count(*) from firsts f
-           where f.first_paid_at >= mo.starts_at and f.first_paid_at < mo.ends_at)::integer as new,
-         (select count(*) from billing.subscriptions s join firsts f on f.subscription_id = s.id
-           where s.ended_at >= mo.starts_at and s.ended_at < mo.ends_at)::integer as churned,
-         (select count(*) from recovered r
-           where r.paid_at >= mo.starts_at and r.paid_at < mo.ends_at)::integer as recovered
-    from months mo
-   order by mo.month
+MOVEMENTS_BY_MONTH = """
+  select month, new_subscriptions, reactivated, churned, churned_voluntary, churned_involuntary,
+         net_change
+    from analytics.subscription_movements_by_month order by month
 """
-)
 
 SUBSCRIBERS_BY_STATUS = """
-  select s.status::text as status, count(*)::integer as subscriptions
-    from billing.subscriptions s
-   group by s.status
-   order by s.status
+  select status, subscriptions, cancel_at_period_end, awaiting_card
+    from analytics.subscribers_by_status order by subscriptions desc, status
 """
 
-CHARGE_OUTCOMES_BY_MONTH = (
-    _MONTHS  # noqa: S608
-    + """
-  select mo.month,
-         count(ca.id) filter (where ca.status = 'succeeded')::integer as succeeded,
-         count(ca.id) filter (where ca.status = 'declined')::integer as declined,
-         count(ca.id) filter (where ca.status = 'failed')::integer as failed
-    from months mo
-    left join billing.charge_attempts ca
-      on ca.resolved_at >= mo.starts_at and ca.resolved_at < mo.ends_at
-     and ca.status in ('succeeded', 'declined', 'failed')
-   group by mo.month
-   order by mo.month
+# The daily view summed per month (the month axis is the views' own calendar).
+CHARGES_BY_MONTH = """
+  select c.month,
+         coalesce(sum(d.attempts), 0)::bigint as attempts,
+         coalesce(sum(d.succeeded), 0)::bigint as succeeded,
+         coalesce(sum(d.declined), 0)::bigint as declined,
+         coalesce(sum(d.failed), 0)::bigint as failed
+    from analytics.calendar_months c
+    left join analytics.charge_success_by_day d
+      on d.day >= c.month and d.day < (c.month + interval '1 month')::date
+   group by c.month
+   order by c.month
 """
-)
+
+CHARGES_BY_ATTEMPT_NUMBER = """
+  select attempt_number,
+         sum(attempts)::bigint as attempts, sum(succeeded)::bigint as succeeded,
+         sum(declined)::bigint as declined, sum(failed)::bigint as failed
+    from analytics.charge_success_by_attempt_number
+   group by attempt_number
+   order by attempt_number
+"""
 
 DECLINE_REASONS = """
-  select ca.error_code as code, ca.classification::text as classification,
-         count(*)::integer as attempts
-    from billing.charge_attempts ca
-   where ca.status in ('declined', 'failed')
-   group by ca.error_code, ca.classification
-   order by attempts desc, code
+  select error_code, classification, sum(attempts)::bigint as attempts
+    from analytics.decline_reasons_by_month
+   group by error_code, classification
+   order by attempts desc, error_code
 """
 
-DUNNING_RECOVERY = """
-  with troubled as (
-    select bp.id, bp.status, bp.paid_at,
-           (select min(ca.resolved_at) from billing.charge_attempts ca
-             where ca.period_id = bp.id and ca.status in ('declined', 'failed')) as first_failure_at
-      from billing.billing_periods bp
-     where exists (select 1 from billing.charge_attempts ca
-                    where ca.period_id = bp.id and ca.status in ('declined', 'failed'))
-  )
-  select count(*)::integer as periods,
-         count(*) filter (where t.status = 'paid')::integer as recovered,
-         count(*) filter (where t.status in ('unpaid', 'void'))::integer as lost,
-         count(*) filter (where t.status = 'open')::integer as in_progress,
-         coalesce(avg(extract(epoch from t.paid_at - t.first_failure_at) / 86400.0)
-                    filter (where t.status = 'paid'), 0)::float8 as mean_days_to_recover
-    from troubled t
+DUNNING_BY_MONTH = """
+  select month, episodes, recovered, lost, in_progress, recovery_rate, avg_hours_to_recover,
+         median_hours_to_recover
+    from analytics.dunning_recovery_by_month order by month
 """
 
-REVENUE_BY_MONTH = (
-    _MONTHS  # noqa: S608
-    + """
-  select mo.month,
-         (select coalesce(sum(p.total_amount), 0) from billing.billing_periods bp
-            join billing.payments p on p.id = bp.payment_id
-           where bp.status = 'paid' and bp.paid_at >= mo.starts_at and bp.paid_at < mo.ends_at
-         )::bigint as gross,
-         (select coalesce(sum(r.amount), 0) from billing.refunds r
-           where r.status = 'succeeded'
-             and r.created_at >= mo.starts_at and r.created_at < mo.ends_at)::bigint as refunded
-    from months mo
-   order by mo.month
-"""
-)
-
-REFUNDS = """
-  select count(*)::integer as requested,
-         count(*) filter (where r.status = 'succeeded')::integer as succeeded,
-         count(*) filter (where r.status = 'failed')::integer as failed,
-         count(*) filter (where r.status = 'succeeded' and r.amount = p.total_amount)::integer
-           as full,
-         count(*) filter (where r.status = 'succeeded' and r.amount < p.total_amount)::integer
-           as partial,
-         coalesce(sum(r.amount) filter (where r.status = 'succeeded'), 0)::bigint as amount
-    from billing.refunds r
-    join billing.payments p on p.id = r.payment_id
+REVENUE_BY_MONTH = """
+  select month, payments, gross, refunds, refunded, net
+    from analytics.revenue_by_month order by month
 """
 
-CREDITS = """
-  select coalesce(sum(e.amount) filter (where e.kind = 'grant'), 0)::bigint as granted,
-         coalesce(-sum(e.amount) filter (where e.kind = 'consume'), 0)::bigint as used,
-         coalesce(-sum(e.amount) filter (where e.kind = 'expire'), 0)::bigint as expired,
-         coalesce(-sum(e.amount) filter (where e.kind = 'revoke'), 0)::bigint as revoked
-    from billing.credit_entries e
+COHORT_RETENTION = """
+  select cohort_month, months_since_start, cohort_size, retained, retention_rate
+    from analytics.cohort_retention order by cohort_month, months_since_start
+"""
+
+CREDITS_BY_MONTH = """
+  select month, grants, granted, consumed, expired, revoked, remaining, used_rate
+    from analytics.credits_by_month order by month
 """
 
 # The sandbox's ledger arrives as a JSON array of {kind, orderId, paymentKey, amount}.
@@ -197,13 +122,7 @@ INVARIANTS = """
       as money_difference
 """
 
-SIMULATED_SPAN = """
-  select (select min(s.created_at) from billing.subscriptions s) as started_at,
-         billing.now() as ended_at,
-         (select count(*) from billing.customers)::integer as customers,
-         (select count(*) from billing.charge_attempts)::integer as attempts,
-         (select count(*) from billing.webhook_events)::integer as webhooks
-"""
+SET_ANALYST = "set local role analyst"
 
 
 def _rows(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list[Row]:
@@ -212,68 +131,114 @@ def _rows(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list
         return cur.fetchall()
 
 
+def _rate(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Clock:
+    started_on: date | None  # the first day of the views' calendar (the first subscription)
+    as_of: datetime  # billing's clock (the demo's test clock)
+
+
 @dataclass(frozen=True, slots=True)
 class MonthMrr:
     month: date
+    measured_at: datetime
+    paying_subscriptions: int
     mrr: int
-    paying: int
+    arr: int
 
 
 @dataclass(frozen=True, slots=True)
 class MonthMovements:
     month: date
-    new: int
+    new_subscriptions: int
+    reactivated: int
     churned: int
-    recovered: int
+    churned_voluntary: int
+    churned_involuntary: int
+    net_change: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCount:
+    status: str
+    subscriptions: int
+    cancel_at_period_end: int
+    awaiting_card: int
 
 
 @dataclass(frozen=True, slots=True)
 class MonthCharges:
     month: date
+    attempts: int
     succeeded: int
     declined: int
     failed: int
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptCharges:
+    attempt_number: int
+    attempts: int
+    succeeded: int
+    declined: int
+    failed: int
+
+    @property
+    def success_rate(self) -> float:
+        return _rate(self.succeeded, self.attempts)
+
+
+@dataclass(frozen=True, slots=True)
 class DeclineReason:
-    code: str
-    classification: str
+    error_code: str | None
+    classification: str | None
     attempts: int
 
 
 @dataclass(frozen=True, slots=True)
-class DunningRecovery:
-    periods: int
+class MonthDunning:
+    month: date
+    episodes: int
     recovered: int
     lost: int
     in_progress: int
-    mean_days_to_recover: float
+    recovery_rate: Decimal | None
+    avg_hours_to_recover: Decimal | None
+    median_hours_to_recover: Decimal | None
 
 
 @dataclass(frozen=True, slots=True)
 class MonthRevenue:
     month: date
+    payments: int
     gross: int
+    refunds: int
     refunded: int
+    net: int
 
 
 @dataclass(frozen=True, slots=True)
-class Refunds:
-    requested: int
-    succeeded: int
-    failed: int
-    full: int
-    partial: int
-    amount: int
+class CohortCell:
+    cohort_month: date
+    months_since_start: int
+    cohort_size: int
+    retained: int
+    retention_rate: Decimal
 
 
 @dataclass(frozen=True, slots=True)
-class Credits:
+class MonthCredits:
+    month: date
+    grants: int
     granted: int
-    used: int
+    consumed: int
     expired: int
     revoked: int
+    remaining: int
+    used_rate: Decimal | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,99 +253,88 @@ class Invariants:
         return not any(asdict(self).values())
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
-    started_at: datetime
-    ended_at: datetime
-    customers: int
-    attempts: int
-    webhooks: int
-
-
-def mrr_by_month(conn: psycopg.Connection[Any]) -> list[MonthMrr]:
-    return [MonthMrr(**r) for r in _rows(conn, MRR_BY_MONTH)]
-
-
-def movements_by_month(conn: psycopg.Connection[Any]) -> list[MonthMovements]:
-    return [MonthMovements(**r) for r in _rows(conn, MOVEMENTS_BY_MONTH)]
-
-
-def subscribers_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    return {r["status"]: r["subscriptions"] for r in _rows(conn, SUBSCRIBERS_BY_STATUS)}
-
-
-def charge_outcomes_by_month(conn: psycopg.Connection[Any]) -> list[MonthCharges]:
-    return [MonthCharges(**r) for r in _rows(conn, CHARGE_OUTCOMES_BY_MONTH)]
-
-
-def decline_reasons(conn: psycopg.Connection[Any]) -> list[DeclineReason]:
-    return [DeclineReason(**r) for r in _rows(conn, DECLINE_REASONS)]
-
-
-def dunning_recovery(conn: psycopg.Connection[Any]) -> DunningRecovery:
-    return DunningRecovery(**_rows(conn, DUNNING_RECOVERY)[0])
-
-
-def revenue_by_month(conn: psycopg.Connection[Any]) -> list[MonthRevenue]:
-    return [MonthRevenue(**r) for r in _rows(conn, REVENUE_BY_MONTH)]
-
-
-def refunds(conn: psycopg.Connection[Any]) -> Refunds:
-    return Refunds(**_rows(conn, REFUNDS)[0])
-
-
-def credits(conn: psycopg.Connection[Any]) -> Credits:
-    return Credits(**_rows(conn, CREDITS)[0])
-
-
 def invariants(conn: psycopg.Connection[Any], ledger: list[dict[str, Any]]) -> Invariants:
-    """Checks against the Toss sandbox's ledger (entries without billing keys)."""
+    """Checks against the Toss sandbox's ledger (entries without billing keys), as the owner."""
     slim = [{k: e.get(k) for k in ("kind", "orderId", "paymentKey", "amount")} for e in ledger]
     return Invariants(**_rows(conn, INVARIANTS, {"ledger": Jsonb(slim)})[0])
 
 
-def span(conn: psycopg.Connection[Any]) -> Span:
-    return Span(**_rows(conn, SIMULATED_SPAN)[0])
-
-
 @dataclass(frozen=True, slots=True)
 class Report:
-    span: Span
+    clock: Clock
     mrr: list[MonthMrr]
     movements: list[MonthMovements]
-    statuses: dict[str, int]
+    statuses: list[StatusCount]
     charges: list[MonthCharges]
+    by_attempt: list[AttemptCharges]
     declines: list[DeclineReason]
-    dunning: DunningRecovery
+    dunning: list[MonthDunning]
     revenue: list[MonthRevenue]
-    refunds: Refunds
-    credits: Credits
+    cohorts: list[CohortCell]
+    credits: list[MonthCredits]
     invariants: Invariants
+
+    # Totals over the views' rows ----------------------------------------------------------
+    @property
+    def subscriptions(self) -> int:
+        return sum(s.subscriptions for s in self.statuses)
+
+    @property
+    def attempts(self) -> int:
+        return sum(m.attempts for m in self.charges)
 
     @property
     def success_rate(self) -> float:
-        ok = sum(m.succeeded for m in self.charges)
-        total = ok + sum(m.declined + m.failed for m in self.charges)
-        return ok / total if total else 0.0
+        return _rate(sum(m.succeeded for m in self.charges), self.attempts)
+
+    @property
+    def mrr_now(self) -> int:
+        return self.mrr[-1].mrr if self.mrr else 0
+
+    def dunning_total(self, field: str) -> int:
+        return int(sum(getattr(m, field) for m in self.dunning))
+
+    @property
+    def recovery_rate(self) -> float:
+        recovered = self.dunning_total("recovered")
+        return _rate(recovered, recovered + self.dunning_total("lost"))
+
+    @property
+    def mean_hours_to_recover(self) -> float:
+        """The months' averages weighted by their recovered episodes."""
+        weighted = sum(float(m.avg_hours_to_recover or 0) * m.recovered for m in self.dunning)
+        recovered = self.dunning_total("recovered")
+        return weighted / recovered if recovered else 0.0
+
+    def revenue_total(self, field: str) -> int:
+        return int(sum(getattr(m, field) for m in self.revenue))
+
+    def credits_total(self, field: str) -> int:
+        return int(sum(getattr(m, field) for m in self.credits))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str, indent=2, ensure_ascii=False)
 
 
 def build(conn: psycopg.Connection[Any], ledger: list[dict[str, Any]]) -> Report:
-    """Every figure, read in one snapshot."""
+    """Every figure in one read-only snapshot: the invariants as the owner, then the views as the
+    analyst (``conn`` must be the owner, a member of ``analyst``)."""
     with conn.transaction():
         conn.execute("set transaction isolation level repeatable read, read only")
+        checks = invariants(conn, ledger)
+        conn.execute(SET_ANALYST)
+        clock = _rows(conn, CLOCK)[0]
         return Report(
-            span=span(conn),
-            mrr=mrr_by_month(conn),
-            movements=movements_by_month(conn),
-            statuses=subscribers_by_status(conn),
-            charges=charge_outcomes_by_month(conn),
-            declines=decline_reasons(conn),
-            dunning=dunning_recovery(conn),
-            revenue=revenue_by_month(conn),
-            refunds=refunds(conn),
-            credits=credits(conn),
-            invariants=invariants(conn, ledger),
+            clock=Clock(**clock),
+            mrr=[MonthMrr(**r) for r in _rows(conn, MRR_BY_MONTH)],
+            movements=[MonthMovements(**r) for r in _rows(conn, MOVEMENTS_BY_MONTH)],
+            statuses=[StatusCount(**r) for r in _rows(conn, SUBSCRIBERS_BY_STATUS)],
+            charges=[MonthCharges(**r) for r in _rows(conn, CHARGES_BY_MONTH)],
+            by_attempt=[AttemptCharges(**r) for r in _rows(conn, CHARGES_BY_ATTEMPT_NUMBER)],
+            declines=[DeclineReason(**r) for r in _rows(conn, DECLINE_REASONS)],
+            dunning=[MonthDunning(**r) for r in _rows(conn, DUNNING_BY_MONTH)],
+            revenue=[MonthRevenue(**r) for r in _rows(conn, REVENUE_BY_MONTH)],
+            cohorts=[CohortCell(**r) for r in _rows(conn, COHORT_RETENTION)],
+            credits=[MonthCredits(**r) for r in _rows(conn, CREDITS_BY_MONTH)],
+            invariants=checks,
         )

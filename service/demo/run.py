@@ -88,8 +88,9 @@ def add_months(start: datetime, months: int) -> datetime:
 class Wires:
     """The demo's ways into the running system."""
 
-    owner: psycopg.Connection[Any]  # operator, scheduler; subscribers' signed-in transactions
+    owner: psycopg.Connection[Any]  # the operator's functions, the scheduler, the test clock
     service: psycopg.Connection[Any]  # as billing_service: the queue depths
+    app: actors.App  # subscribers, through the Data API with their own tokens
     toss: httpx.Client  # the sandbox, as the merchant (and as Toss itself)
     web: httpx.Client  # a browser without JavaScript
     ep: Endpoints
@@ -180,7 +181,7 @@ class Demo:
     # ------------------------------------------------------------------------------ people
 
     def register(self, w: Wires, sub: Subscriber, card: str, browser: bool = False) -> None:
-        customer_key = actors.begin_registration(self.data_api, sub.user_id, sub.email)
+        customer_key = w.app.begin_registration(sub.user_id, sub.email)
         if browser and w.browser is not None:
             w.browser.register_card(w.ep, customer_key, card)
         else:
@@ -189,8 +190,8 @@ class Demo:
     def _try(self, what: str, action: Callable[[], object]) -> bool:
         try:
             action()
-        except db.BillingError:
-            # A refusal the subscriber would see in the app (e.g. nothing left to resume).
+        except (db.BillingError, actors.Refused):
+            # A refusal the app or support would see (e.g. nothing left to resume); nothing changed.
             self.tally.refuse(what)
             return False
         return True
@@ -208,11 +209,11 @@ class Demo:
             s = live.get(sub.user_id)
             if s is None:
                 continue
-            user = sub.user_id
+            who = (sub.user_id, sub.email)
             if (
                 sub.cancel_day == day
                 and not s.cancel_at_period_end
-                and self._try("cancel", partial(actors.cancel_subscription, w.owner, user))
+                and self._try("cancel", partial(w.app.cancel_subscription, *who))
             ):
                 self.tally.cancels += 1
             if (
@@ -220,7 +221,7 @@ class Demo:
                 and sub.cancel_day is not None
                 and day == sub.cancel_day + sub.resume_after_days
                 and s.cancel_at_period_end
-                and self._try("resume", partial(actors.resume_subscription, w.owner, user))
+                and self._try("resume", partial(w.app.resume_subscription, *who))
             ):
                 self.tally.resumes += 1
             if sub.refund_day == day:
@@ -231,18 +232,19 @@ class Demo:
                 self._use_credits(w, sub, day)
 
     def _refund(self, w: Wires, sub: Subscriber) -> None:
-        payment = db.run_sync(w.owner, actors.latest_refundable_payment(sub.user_id))
+        # Support: `saju-billing ops history <user>`, then `saju-billing ops refund <payment>`.
+        payment = db.run_sync(w.owner, actors.latest_payment(sub.user_id))
         if payment is None:
             return
         reason = "charged by mistake" if sub.refund_amount is None else "goodwill: service outage"
-        call = actors.request_refund(payment, sub.refund_amount, reason)
+        call = db.request_refund(payment, sub.refund_amount, reason)
         if self._try("refund", partial(db.run_sync, w.owner, call)):
             self.tally.refunds += 1
 
     def _use_credits(self, w: Wires, sub: Subscriber, day: int) -> None:
         # Spread over the month: on day d, the uses due by d minus those due by d - 1.
         due = (day + 1) * sub.credits_per_month // 30 - day * sub.credits_per_month // 30
-        use = partial(actors.consume_credit, w.owner, sub.user_id, _USE)
+        use = partial(w.app.consume_credit, sub.user_id, sub.email, _USE)
         for _ in range(due):
             self.tally.credits_tried += 1
             if not self._try("credit", use):
@@ -275,6 +277,7 @@ class Demo:
             psycopg.connect(self.rt.dsn(), autocommit=True) as service,
             actors.toss(ep) as toss,
             httpx.Client(timeout=60) as web,
+            actors.App(self.data_api) as app,
         ):
             db.run_sync(service, db.set_role("billing_service"))
             start = self.start_clock(owner, toss)
@@ -286,7 +289,7 @@ class Demo:
                 "billing.tick() rings the service through pg_net, the service drains."
             )
             with self._browser() as browser:
-                w = Wires(owner, service, toss, web, ep, browser)
+                w = Wires(owner, service, app, toss, web, ep, browser)
                 self._months(w, start, cast)
                 self.settle(w)
                 return report.build(owner, actors.ledger(toss))
@@ -355,17 +358,23 @@ def main(options: Options) -> int:
     for p in paths:
         console.print(f"  {p}")
     st = demo.stack
+    cli = ".venv/bin/saju-billing"
     console.print(
-        "\n[bold]The system is still running[/] (on the demo's test clock):\n"
+        "\n[bold]The system is still running[/] (on the demo's test clock; run these from the "  # noqa: S608 - directions, not a query
+        "repository root, with the same SAJU_* variables if you set any):\n"
         f"  billing service  {st.service_url}   (/metrics, /openapi.json, "
-        f"/billing/cards/<customerKey>)\n"
+        "/billing/cards/<customerKey>)\n"
         f"  Toss sandbox     {st.sandbox_url}   (/_sandbox/ledger, /_sandbox/webhooks)\n"
+        f"  Data API         {demo.data_api.url}/rest/v1/   (keys: {cli} db status; "
+        f"a subscriber's token: {cli} token --user <email>)\n"
         f"  database         {demo.rt.dsn()}\n"
-        "  psql             .venv/bin/saju-billing db psql\n"
-        "                   (the tables are in schema billing: \\dt billing.*)\n"
-        f"  logs             {st.dir}   (.venv/bin/saju-billing stack status)\n"
-        "  stop             .venv/bin/saju-billing stack down\n"
-        "  start over       .venv/bin/saju-billing demo --fresh"
+        f"  psql             {cli} db psql   (tables in schema billing: \\dt billing.*)\n"
+        f"  as the analyst   {cli} db psql -c 'set role analyst' "
+        "-c 'select * from analytics.mrr_by_month'\n"
+        f"  as support       {cli} ops status   ({cli} ops alerts, ops history <user id>)\n"
+        f"  logs             {st.dir}   ({cli} stack status)\n"
+        f"  stop             {cli} stack down   (the service, the sandbox and the database)\n"
+        f"  start over       {cli} demo --fresh"
     )
     return 0 if result.invariants.ok else 1
 

@@ -76,6 +76,39 @@ class LocalRuntimeError(Exception):
     """The local runtime could not do what was asked; the message says why."""
 
 
+# How long a clone waits for the last session in its template to leave. PostgreSQL itself waits
+# 5 s before it gives up with "source database … is being accessed by other users"; a session
+# that outlasts that (an autovacuum worker on a slow machine, a psql left open) is waited out.
+CLONE_TIMEOUT_S = 60.0
+
+
+def create_database(
+    conn: psycopg.Connection[TupleRow],
+    name: str,
+    template: str,
+    *,
+    is_template: bool = False,
+    timeout: float = CLONE_TIMEOUT_S,
+) -> None:
+    """``CREATE DATABASE name TEMPLATE template`` as ``postgres``'s, retried while another session
+    is still in the template (SQLSTATE 55006), up to ``timeout`` seconds."""
+    statement = sql.SQL("create database {} owner postgres template {} is_template {}").format(
+        sql.Identifier(name), sql.Identifier(template), sql.Literal(is_template)
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute(statement)
+            return
+        except psycopg.errors.ObjectInUse as exc:
+            if time.monotonic() > deadline:
+                raise LocalRuntimeError(
+                    f"cannot clone {template}: another session stays in it ({exc}); "
+                    "close it (see pg_stat_activity) and try again"
+                ) from exc
+            time.sleep(0.5)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where the local cluster lives and how to reach it."""
@@ -331,17 +364,19 @@ class Runtime:
                 conn.execute("create extension if not exists supabase_vault with schema vault")
             else:
                 self._run_sql_file(conn, self.local_sql_dir / "40_vault.sql")
+        # pg_cron's launcher stays connected to the database cron.database_name names, and a
+        # database with a session in it cannot be cloned. So the launcher moves to the main
+        # database (a restart: the setting is read at server start) before the base is cloned.
+        self._write_conf(cron_database=MAIN_DB)
+        self._pg_ctl("restart")
         with self.connect("template1") as conn:
             conn.execute(
                 sql.SQL("alter database {} is_template true").format(sql.Identifier(BASE_DB))
             )
             conn.execute("drop database postgres with (force)")
-            conn.execute(
-                sql.SQL("create database postgres owner postgres template {}").format(
-                    sql.Identifier(BASE_DB)
-                )
-            )
-        self._write_conf(cron_database=MAIN_DB)
+            create_database(conn, MAIN_DB, template=BASE_DB)
+        # The drop ended the launcher's session in initdb's database, and a launcher stopped that
+        # way is not started again: a second restart brings it up in the clone.
         self._pg_ctl("restart")
         self.stamp_file.write_text(self.bootstrap_hash() + "\n")
 

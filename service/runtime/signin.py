@@ -23,7 +23,7 @@ from supabase.lib.client_options import SyncClientOptions
 
 from service.runtime.api import USER_AUDIENCE, DataApi
 from service.runtime.cluster import ADMIN_USER
-from supabase import create_client
+from supabase import Client, create_client
 
 DEFAULT_EXPIRY = 3600
 # PostgREST's answers while its schema cache does not have the function yet.
@@ -55,6 +55,7 @@ class SignedIn:
     user_id: uuid.UUID
     email: str | None
     access_token: str
+    expires_at: int  # the token's exp (Unix time)
 
 
 def _jwt_expiry(api: DataApi) -> int:
@@ -87,11 +88,12 @@ def sign_in(
             user_id, email = wanted_id or uuid.uuid4(), wanted_email
             conn.execute(_CREATE_USER, {"id": user_id, "email": email})
     issued = int(time.time() if now is None else now)
+    expires = issued + _jwt_expiry(api)
     claims = {
         "iss": f"{api.url}/auth/v1",
         "sub": str(user_id),
         "aud": USER_AUDIENCE,
-        "exp": issued + _jwt_expiry(api),
+        "exp": expires,
         "iat": issued,
         "email": email or "",
         "phone": "",
@@ -103,25 +105,37 @@ def sign_in(
         "session_id": str(uuid.uuid4()),
         "is_anonymous": False,
     }
-    return SignedIn(user_id, email, api.sign(claims))
+    return SignedIn(user_id, email, api.sign(claims), expires)
+
+
+def client(api: DataApi, access_token: str, http: httpx.Client) -> Client:
+    """The ``supabase`` client of an app signed in with ``access_token``.
+
+    Many clients may share ``http``: each sends its own headers with every request."""
+    options = SyncClientOptions(
+        headers={"Authorization": f"Bearer {access_token}"}, httpx_client=http
+    )
+    return create_client(api.url, api.anon_key, options=options)
+
+
+def rpc(signed_in: Client, fn: str, params: dict[str, Any] | None = None) -> Any:
+    """Call ``api.<fn>`` through the Data API with a signed-in client, as an app does.
+
+    Waits (up to 15 s) for the gateway and for PostgREST's schema cache to have ``fn``, as
+    right after ``db start`` and a migration; any other error is raised as it came.
+    """
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return signed_in.schema("api").rpc(fn, params or {}).execute().data
+        except (APIError, httpx.TransportError) as exc:
+            starting = isinstance(exc, httpx.TransportError) or exc.code in _NOT_LOADED_YET
+            if not starting or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 def call_api(api: DataApi, access_token: str, fn: str, params: dict[str, Any] | None = None) -> Any:
-    """Call ``api.<fn>`` as the signed-in user through the Data API, as an app does.
-
-    Waits (up to 15 s) for the gateway and for PostgREST's schema cache to have ``fn``, as
-    right after ``db start`` and a migration.
-    """
-    headers = {"Authorization": f"Bearer {access_token}"}
-    deadline = time.monotonic() + 15
+    """One call of ``api.<fn>`` as the signed-in user, on a connection of its own (see ``rpc``)."""
     with httpx.Client(timeout=30) as http:
-        options = SyncClientOptions(headers=headers, httpx_client=http)
-        client = create_client(api.url, api.anon_key, options=options)
-        while True:
-            try:
-                return client.schema("api").rpc(fn, params or {}).execute().data
-            except (APIError, httpx.TransportError) as exc:
-                starting = isinstance(exc, httpx.TransportError) or exc.code in _NOT_LOADED_YET
-                if not starting or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
+        return rpc(client(api, access_token, http), fn, params)

@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from service.runtime import migrations
-from service.runtime.cluster import BASE_DB, Runtime, pid_alive
+from service.runtime.cluster import BASE_DB, Runtime, create_database, pid_alive
 
 _LOCK_KEY = 5472_2001  # advisory lock serialising template builds across test processes
 
@@ -45,11 +45,7 @@ def clone(rt: Runtime, template: str, prefix: str = "test") -> str:
     # The creating process's pid is in the name, so a sweep leaves other live runs alone.
     name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
     with rt.connect("template1") as conn:
-        conn.execute(
-            sql.SQL("create database {} owner postgres template {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        )
+        create_database(conn, name, template=template)
     return name
 
 
@@ -82,11 +78,7 @@ def migrated_template(rt: Runtime) -> str:
                 for (old,) in stale:
                     _drop(conn, str(old))
                 building = f"{name}_building"
-                conn.execute(
-                    sql.SQL(
-                        "create database {} owner postgres template {} is_template true"
-                    ).format(sql.Identifier(building), sql.Identifier(BASE_DB))
-                )
+                create_database(conn, building, template=BASE_DB, is_template=True)
             migrations.upgrade(rt.dsn(building))
             seed = rt.root / "supabase" / "seed.sql"
             if seed.exists():
