@@ -42,6 +42,7 @@ class Options:
     concurrency: int = 32
     durable: bool = True
     seed: int = 7
+    ports: tuple[int, int] | None = None  # the sandbox's and the service's; default from env
 
 
 def _payments(bench: Bench) -> list[dict[str, Any]]:
@@ -153,7 +154,7 @@ def _percentile(values: list[float], p: float) -> float:
 def run(options: Options, out_dir: Path) -> dict[str, Any]:
     """Runs the benchmark; returns the results (also written to ``out_dir``)."""
     o = options
-    with harness.bench_database(o.durable, statements=False) as bench:
+    with harness.bench_database(o.durable, statements=False, ports=o.ports) as bench:
         bench.start_sandbox(rate_limit=None)
         payments = _payments(bench)
         service = bench.start_service()
@@ -163,7 +164,7 @@ def run(options: Options, out_dir: Path) -> dict[str, Any]:
             environment = harness.environment(conn, bench.rt)
             cpu_before = harness.sample_cpu(bench.rt, service.pid)
             latencies, statuses, seconds = asyncio.run(
-                _send_all(harness.SERVICE_PORT, sent, o.concurrency)
+                _send_all(bench.service_port, sent, o.concurrency)
             )
             cpu = harness.sample_cpu(bench.rt, service.pid).minus(cpu_before)
             stored = conn.execute(
