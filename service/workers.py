@@ -222,9 +222,7 @@ class Worker:
                     async with self.pool.connection() as conn:
                         items = await db.run(conn, claim(s.worker_name, want, s.lease))
                     total += len(items)
-                    running.update(
-                        asyncio.create_task(self._guard(handle, item)) for item in items
-                    )
+                    running.update(asyncio.create_task(self._guard(handle, item)) for item in items)
                     exhausted = len(items) < want
                     if not exhausted and s.concurrency - len(running) >= threshold:
                         continue

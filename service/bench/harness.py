@@ -143,8 +143,17 @@ def sample_cpu(rt: Runtime, service_pid: int) -> CpuSample:
 # ------------------------------------------------------------------------------ statements
 
 
-def ensure_statements(rt: Runtime) -> None:
-    """Loads pg_stat_statements (as Supabase does), restarting the cluster once if needed."""
+def _restart(rt: Runtime) -> None:
+    supervisor.stop_networker(rt)
+    rt.stop()
+    rt.start()
+    supervisor.ensure_networker(rt)
+
+
+@contextlib.contextmanager
+def statements_preloaded(rt: Runtime) -> Iterator[None]:
+    """pg_stat_statements loaded (as on Supabase) for the block. The local runtime does not
+    preload it, so the cluster restarts with it and, afterwards, restarts as it was."""
     with rt.connect("postgres") as conn:
         row = conn.execute("select current_setting('shared_preload_libraries')").fetchone()
         loaded = row is not None and "pg_stat_statements" in str(row[0])
@@ -152,11 +161,16 @@ def ensure_statements(rt: Runtime) -> None:
             conn.execute(
                 "alter system set shared_preload_libraries = 'pg_cron', 'pg_stat_statements'"
             )
-    if not loaded:
-        supervisor.stop_networker(rt)
-        rt.stop()
-        rt.start()
-        supervisor.ensure_networker(rt)
+    if loaded:
+        yield
+        return
+    _restart(rt)
+    try:
+        yield
+    finally:
+        with rt.connect("postgres") as conn:
+            conn.execute("alter system reset shared_preload_libraries")
+        _restart(rt)
 
 
 def statements_loaded(conn: Conn) -> bool:
@@ -336,22 +350,25 @@ def bench_database(
     rt = replace(Runtime.from_env(), durable=durable)
     rt.start()
     supervisor.ensure_networker(rt)
-    if statements:
-        ensure_statements(rt)
-    dbname = testdb.clone(rt, testdb.migrated_template(rt), prefix="bench")
-    bench = Bench(
-        rt,
-        dbname,
-        rt.base_dir / "bench" / dbname,
-        f"bench-1:{Keyring.generate_key()}",
-        secrets.token_urlsafe(24),
-        *(ports or (SANDBOX_PORT, SERVICE_PORT)),
-    )
     try:
-        yield bench
+        with contextlib.ExitStack() as stack:
+            if statements:
+                stack.enter_context(statements_preloaded(rt))
+            dbname = testdb.clone(rt, testdb.migrated_template(rt), prefix="bench")
+            bench = Bench(
+                rt,
+                dbname,
+                rt.base_dir / "bench" / dbname,
+                f"bench-1:{Keyring.generate_key()}",
+                secrets.token_urlsafe(24),
+                *(ports or (SANDBOX_PORT, SERVICE_PORT)),
+            )
+            try:
+                yield bench
+            finally:
+                bench.stop()
+                testdb.drop(rt, dbname)
     finally:
-        bench.stop()
-        testdb.drop(rt, dbname)
         if durable and not Runtime.from_env().durable:
             # Back to the fast mode the tests use.
             replace(rt, durable=False).start()
