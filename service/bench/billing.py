@@ -375,9 +375,19 @@ def notes(results: dict[str, Any]) -> list[str]:
     if f["http_429"]:
         out.append(f"{f['http_429']} answers 429 from the sandbox")
     if f["seed_design_ratio"] is not None and f["seed_design_ratio"] < 25:
-        out.append(f"seed_design_ratio {f['seed_design_ratio']} < 25")
+        out.append(
+            f"seed_design_ratio {f['seed_design_ratio']} < 25: the seed's design is bound by "
+            f"latency ({f['seed_charges_per_s']}/s one after another), ours here by CPU; at the "
+            f"limit ({f['limit_per_s']}/s) the ratio would be "
+            f"{f['limit_per_s'] / f['seed_charges_per_s']:.1f}"
+        )
     if f["cpu_ms_per_charge"] is not None and f["cpu_ms_per_charge"] > 5:
-        out.append(f"cpu_ms_per_charge {f['cpu_ms_per_charge']} > 5: see detail.cpu_s")
+        charges = results["detail"]["renewal_run"]["succeeded"] or 1
+        each = {k: round(v * 1000 / charges, 2) for k, v in results["detail"]["cpu_s"].items()}
+        out.append(
+            f"cpu_ms_per_charge {f['cpu_ms_per_charge']} > 5: ms per charge by process {each}; "
+            "database time: " + harness.costliest(results["detail"]["db_statements"], charges)
+        )
     if f["service_rss_mb"] is not None and f["service_rss_mb"] > 150:
         out.append(f"service_rss_mb {f['service_rss_mb']} > 150")
     return out

@@ -423,6 +423,17 @@ def write(
     return path
 
 
+def costliest(statements: dict[str, Any] | None, per: int) -> str:
+    """The statements that took most of the database's time, per unit of work, for the notes."""
+    if not statements or not per:
+        return "statement times not collected"
+    parts = []
+    for t in statements["top"][:3]:
+        name = t["query"].split("(")[0].removeprefix("select * from ").strip()
+        parts.append(f"{name} {t['ms'] / per:.2f} ms per item ({t['calls']} calls)")
+    return "; ".join(parts)
+
+
 def table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
     return "".join(f"{name.ljust(width)}  {value}\n" for name, value in rows)

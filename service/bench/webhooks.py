@@ -41,6 +41,7 @@ class Options:
     duplicates: float = 0.1
     concurrency: int = 32
     durable: bool = True
+    statements: bool = True
     seed: int = 7
     ports: tuple[int, int] | None = None  # the sandbox's and the service's; default from env
 
@@ -154,19 +155,21 @@ def _percentile(values: list[float], p: float) -> float:
 def run(options: Options, out_dir: Path) -> dict[str, Any]:
     """Runs the benchmark; returns the results (also written to ``out_dir``)."""
     o = options
-    with harness.bench_database(o.durable, statements=False, ports=o.ports) as bench:
+    with harness.bench_database(o.durable, o.statements, o.ports) as bench:
         bench.start_sandbox(rate_limit=None)
         payments = _payments(bench)
         service = bench.start_service()
         distinct = events(o.events, payments, o.seed)
         sent = with_duplicates(distinct, o.duplicates, o.seed)
-        with psycopg.connect(bench.dsn(), autocommit=True) as conn:
+        with psycopg.connect(bench.dsn(), autocommit=True) as conn, harness.admin(bench) as su:
             environment = harness.environment(conn, bench.rt)
+            statements = o.statements and harness.reset_statements(su)
             cpu_before = harness.sample_cpu(bench.rt, service.pid)
             latencies, statuses, seconds = asyncio.run(
                 _send_all(bench.service_port, sent, o.concurrency)
             )
             cpu = harness.sample_cpu(bench.rt, service.pid).minus(cpu_before)
+            db_time = harness.statement_times(su) if statements else None
             stored = conn.execute(
                 "select transmission_id, count(*) from billing.webhook_events"
                 " group by transmission_id"
@@ -216,6 +219,7 @@ def run(options: Options, out_dir: Path) -> dict[str, Any]:
                 "postgres": cpu.postgres,
                 "net_worker": cpu.net_worker,
             },
+            "db_statements": db_time,
         },
         "goals": {"events_per_s": ">= 1000", "p99_ms": "<= 50"},
         **environment,
@@ -232,7 +236,8 @@ def notes(results: dict[str, Any]) -> list[str]:
         out.append(
             f"events_per_s {f['events_per_s']} < 1000: CPU per event {f['cpu_ms_per_event']} ms"
             f" (service + Postgres) on {results['machine']['cpus']} shared cores, load average"
-            f" {results['load_average_before']} before the run"
+            f" {results['load_average_before']} before the run; database time: "
+            + harness.costliest(results["detail"]["db_statements"], results["checks"]["requests"])
         )
     if f["p99_ms"] > 50:
         out.append(f"p99_ms {f['p99_ms']} > 50 at {results['settings']['concurrency']} senders")

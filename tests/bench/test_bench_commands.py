@@ -61,7 +61,12 @@ def test_bench_webhooks_stores_every_distinct_event_exactly_once(
     rt: Runtime, tmp_path: Path
 ) -> None:
     options = webhooks.Options(
-        events=200, duplicates=0.1, concurrency=8, durable=False, ports=(free_port(), free_port())
+        events=200,
+        duplicates=0.1,
+        concurrency=8,
+        durable=False,
+        statements=False,  # loading it restarts the cluster, which the other tests share
+        ports=(free_port(), free_port()),
     )
     results = webhooks.run(options, tmp_path)
 
