@@ -406,7 +406,7 @@ def table(results: dict[str, Any]) -> str:
         ("charges_per_s", f"{f['charges_per_s']}  (limit {f['limit_per_s']}/s)"),
         ("ratio_to_limit", f"{f['ratio_to_limit']}"),
         ("http_429", f"{f['http_429']}"),
-        ("cpu_ms_per_charge", f"{f['cpu_ms_per_charge']}  ({d['cpu_s']})"),
+        ("cpu_ms_per_charge", f"{f['cpu_ms_per_charge']}  (CPU s: {d['cpu_s']})"),
         ("db_ms_per_charge", f"{f['db_ms_per_charge']}"),
         ("service_rss_mb (peak)", f"{f['service_rss_mb']}"),
         (

@@ -254,7 +254,7 @@ def table(results: dict[str, Any]) -> str:
         ("senders", f"{s['concurrency']}"),
         ("events_per_s", f"{f['events_per_s']}"),
         ("p50_ms / p99_ms / max_ms", f"{f['p50_ms']} / {f['p99_ms']} / {f['max_ms']}"),
-        ("cpu_ms_per_event", f"{f['cpu_ms_per_event']}  ({results['detail']['cpu_s']})"),
+        ("cpu_ms_per_event", f"{f['cpu_ms_per_event']}  (CPU s: {results['detail']['cpu_s']})"),
         ("service_rss_mb (peak)", f"{f['service_rss_mb']}"),
         (
             "checks (lost / stored twice / non-200)",
