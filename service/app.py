@@ -40,7 +40,7 @@ from service.crypto import Keyring
 from service.logs import AccessLog
 from service.metrics import Metrics
 from service.settings import Settings, load
-from service.toss import TossClient, TossException
+from service.toss import PooledTransport, TossClient, TossException
 from service.workers import Worker
 
 _log = logging.getLogger("saju_billing.app")
@@ -359,7 +359,9 @@ def build_app(settings: Settings | None = None, *, run_worker: bool = True) -> S
             open=False,
         )
         await pool.open(wait=True, timeout=30)
-        http = httpx.AsyncClient()
+        # A kept-alive connection per concurrent call (httpx keeps 20 by default; above that
+        # each call would open and close one of its own).
+        http = httpx.AsyncClient(transport=PooledTransport(s.concurrency))
         toss = TossClient(
             s.secret_key(),
             base_url=s.toss_api_url,

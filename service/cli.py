@@ -242,6 +242,37 @@ def _bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_billing(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.bench import billing
+
+    options = billing.Options(
+        subscriptions=args.subscriptions,
+        latency_ms=args.latency_ms,
+        concurrency=args.concurrency,
+        rate_limit=args.rate_limit,
+        batch=args.batch,
+        seed_subscriptions=args.seed_subscriptions,
+    )
+    results = billing.run(options, Path(args.out))
+    print(billing.table(results), end="")
+    return 0 if results["checks"]["ok"] else 1
+
+
+def _bench_webhooks(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.bench import webhooks
+
+    options = webhooks.Options(
+        events=args.events, duplicates=args.duplicates, concurrency=args.concurrency
+    )
+    results = webhooks.run(options, Path(args.out))
+    print(webhooks.table(results), end="")
+    return 0 if results["checks"]["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service import ops
 
@@ -288,6 +319,36 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--out", default="bench-results")
     scale.add_argument("--keep", action="store_true", help="keep the benchmark's database")
     scale.set_defaults(func=_bench_scale)
+    bill = bn_sub.add_parser(
+        "billing",
+        help="a renewal run through the real path against the sandbox, beside the seed's design",
+    )
+    bill.add_argument("--subscriptions", type=int, default=10_000, help="renewals due at once")
+    bill.add_argument("--latency-ms", type=int, default=100, help="the sandbox's charge latency")
+    bill.add_argument("--concurrency", type=int, default=32, help="the service's Toss calls")
+    bill.add_argument(
+        "--rate-limit",
+        type=int,
+        default=15_000,
+        help="charges a minute, the sandbox's limit and the service's (default 15,000)",
+    )
+    bill.add_argument("--batch", type=int, default=20, help="the service's claim batch")
+    bill.add_argument(
+        "--seed-subscriptions",
+        type=int,
+        default=200,
+        help="subscriptions the seed's design charges (sequential; extrapolated to all)",
+    )
+    bill.add_argument("--out", default="bench-results")
+    bill.set_defaults(func=_bench_billing)
+    wh = bn_sub.add_parser(
+        "webhooks", help="webhook ingest: events/s and latency, duplicates and shuffled order"
+    )
+    wh.add_argument("--events", type=int, default=20_000, help="distinct events")
+    wh.add_argument("--duplicates", type=float, default=0.1, help="share sent twice (0.1)")
+    wh.add_argument("--concurrency", type=int, default=32, help="senders at once")
+    wh.add_argument("--out", default="bench-results")
+    wh.set_defaults(func=_bench_webhooks)
 
     nw = sub.add_parser("net-worker", help="run the pg_net-compatible worker in the foreground")
     sv = sub.add_parser("supervise", help="run the runtime's services under a supervisor")

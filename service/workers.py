@@ -52,6 +52,21 @@ _APPROVED = frozenset({"DONE", "CANCELED", "PARTIAL_CANCELED"})
 _FAILED = frozenset({"ABORTED", "EXPIRED"})
 
 
+def paced_limiter(rate_per_minute: int, burst: int) -> AsyncLimiter:
+    """A limiter that keeps every sliding minute under ``rate_per_minute`` calls.
+
+    Toss counts calls per API in any sliding minute. A leaky bucket as deep as the whole minute
+    (``AsyncLimiter(rate, 60)``) lets a minute's worth through at once and then the steady rate
+    behind it, twice the limit in the first minute: 429s. This bucket is ``burst`` deep and
+    leaks the rest of the minute's allowance evenly, less another ``burst`` kept back for the
+    jitter between sending a call and Toss counting it: at most ``rate - burst`` calls in any
+    minute, and a steady ``rate - 2 * burst`` a minute.
+    """
+    burst = max(1, min(burst, rate_per_minute // 20))
+    steady = max(1, rate_per_minute - 2 * burst)
+    return AsyncLimiter(burst, 60 * burst / steady)
+
+
 @dataclass
 class Throttle:
     """Concurrency and per-API rate limits for Toss calls, with 429 back-off."""
@@ -67,7 +82,11 @@ class Throttle:
         self._slots = asyncio.Semaphore(self.concurrency)
 
     async def call(self, operation: Operation, fn: Callable[[], Awaitable[T]]) -> T:
-        limiter = self._limits.setdefault(operation, AsyncLimiter(self.rate_per_minute, 60))
+        limiter = self._limits.get(operation)
+        if limiter is None:
+            limiter = self._limits[operation] = paced_limiter(
+                self.rate_per_minute, self.concurrency
+            )
         async with self._slots:
             loop = asyncio.get_running_loop()
             wait = self._paused_until.get(operation, 0.0) - loop.time()
@@ -182,13 +201,41 @@ class Worker:
         claim: Callable[..., db.Call[list[T]]],
         handle: Callable[[T], Awaitable[None]],
     ) -> int:
+        """Claims and handles until the queue has nothing claimable; returns how many items.
+
+        Pipelined: a new claim goes out as soon as a few slots are free rather than after the
+        slowest item of the previous batch, so up to ``concurrency`` items stay in flight. A
+        claim that comes back short means the queue is empty for now: what runs is finished
+        and the pass ends (``drain`` starts another while any queue had work).
+        """
         s = self.settings
-        async with self.pool.connection() as conn:
-            items = await db.run(conn, claim(s.worker_name, s.batch, s.lease))
-        if items:
-            results = await asyncio.gather(*(self._guard(handle, item) for item in items))
-            return len(results)
-        return 0
+        running: set[asyncio.Task[None]] = set()
+        # Claim in groups of at least half a batch: fewer claim round trips per item.
+        threshold = max(1, min(s.batch, s.concurrency) // 2)
+        total = 0
+        exhausted = False
+        try:
+            while not exhausted and not self._stopping.is_set():
+                free = s.concurrency - len(running)
+                if free >= threshold or not running:
+                    want = min(s.batch, free)
+                    async with self.pool.connection() as conn:
+                        items = await db.run(conn, claim(s.worker_name, want, s.lease))
+                    total += len(items)
+                    running.update(asyncio.create_task(self._guard(handle, item)) for item in items)
+                    exhausted = len(items) < want
+                    if not exhausted and s.concurrency - len(running) >= threshold:
+                        continue
+                if running and not exhausted:
+                    _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Cancelled (the shutdown grace ran out): what is in flight is left to its lease.
+            for task in running:
+                task.cancel()
+            raise
+        if running:
+            await asyncio.wait(running)
+        return total
 
     async def _guard(self, handle: Callable[[T], Awaitable[None]], item: T) -> None:
         try:
