@@ -63,7 +63,7 @@ class Relation:
 
     def granted(self, role: str) -> frozenset[str]:
         """The privileges ``role`` is meant to hold."""
-        return RELATION_RULES[self.schema].get(role, frozenset())
+        return RELATION_RULES.get(self.schema, {}).get(role, frozenset())
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,11 @@ class Function:
     signature: str  # regprocedure text, e.g. billing.tick()
     arg_types: tuple[str, ...]
     returns_trigger: bool
+    arg_names: tuple[str, ...] = ()
 
     def granted(self, role: str) -> bool:
-        return role in FUNCTION_RULES[self.schema](self.name)
+        rule = FUNCTION_RULES.get(self.schema)
+        return rule is not None and role in rule(self.name)
 
     def null_call(self) -> sql.Composed:
         """``select schema.fn((select null::t1), …)``: enough to be refused, never to run.
@@ -109,7 +111,11 @@ _RELATIONS = """
 _FUNCTIONS = """
     select p.oid::int, n.nspname, p.proname, p.oid::regprocedure::text,
            array(select format_type(t, null) from unnest(p.proargtypes::oid[]) t),
-           p.prorettype in ('trigger'::regtype, 'event_trigger'::regtype)
+           p.prorettype in ('trigger'::regtype, 'event_trigger'::regtype),
+           array(select coalesce(nullif(a, ''), 'arg' || i)
+                   from unnest(coalesce(p.proargnames[1:p.pronargs],
+                                        array_fill(''::text, array[p.pronargs])))
+                        with ordinality u(a, i))
       from pg_proc p join pg_namespace n on n.oid = p.pronamespace
      where n.nspname = any(%s) and p.prokind in ('f', 'p')
      order by 1
@@ -127,8 +133,8 @@ class Catalog:
         names = schemas or [r[0] for r in conn.execute(_USER_SCHEMAS).fetchall()]
         relations = tuple(Relation(*row) for row in conn.execute(_RELATIONS, (names,)).fetchall())
         functions = tuple(
-            Function(oid, schema, name, signature, tuple(args), trig)
-            for oid, schema, name, signature, args, trig in conn.execute(
+            Function(oid, schema, name, signature, tuple(args), trig, tuple(arg_names))
+            for oid, schema, name, signature, args, trig, arg_names in conn.execute(
                 _FUNCTIONS, (names,)
             ).fetchall()
         )
