@@ -168,7 +168,8 @@ def test_two_subscribers_each_see_and_change_only_their_own_rows(
     a, b = pair
     truth_a, truth_b = _own(owner, a), _own(owner, b)
     assert truth_a["subscription"] != truth_b["subscription"]
-    assert truth_a["payments"] and truth_b["payments"]
+    assert truth_a["payments"]
+    assert truth_b["payments"]
     assert not truth_a["payments"] & truth_b["payments"]
     with client(data_api, a.access_token) as ca, client(data_api, b.access_token) as cb:
         for c, truth in ((ca, truth_a), (cb, truth_b)):

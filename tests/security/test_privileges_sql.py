@@ -52,7 +52,7 @@ def populated(rt: Runtime, dbname: str) -> Iterator[tuple[str, str]]:
         finally:
             bl.close()
             toss.close()
-    yield subs
+    return subs
 
 
 @pytest.fixture
@@ -150,8 +150,7 @@ def test_no_role_reaches_a_relation_beyond_its_rule_and_refusals_change_nothing(
         for role in ROLES
         for rel in catalog.relations
         for privilege in (("SELECT", "UPDATE", "USAGE") if rel.kind == "S" else TABLE_PRIVILEGES)
-        if privilege not in rel.granted(role)
-        and has_privilege(admin, role, rel, privilege)
+        if privilege not in rel.granted(role) and has_privilege(admin, role, rel, privilege)
     ]
     assert held == []
     # analyst reads every analytics view; nothing else is allowed anywhere.
