@@ -203,3 +203,38 @@ def contents_of(owner: psycopg.Connection[Any], who: SignedIn) -> list[tuple[Any
             ).fetchall()
         )
     return out
+
+
+def test_no_api_call_takes_an_amount_and_extra_arguments_change_nothing(
+    data_api: DataApi, pair: tuple[SignedIn, SignedIn], owner: psycopg.Connection[Any]
+) -> None:
+    """No api function has a parameter that could carry money, and PostgREST refuses any call
+    with one added (no such function) before anything runs."""
+    catalog = Catalog.read(owner, ["api"])
+    money = {"amount", "price", "total", "totalamount", "total_amount", "currency", "plan_id"}
+    assert [f.signature for f in catalog.functions if money & set(f.arg_names)] == []
+    before = contents(owner)
+    caller = callers(data_api, pair)[1]
+    extras = [{"amount": 1}, {"totalAmount": 1}, {"price": 100, "currency": "USD"}]
+    with httpx.Client(base_url=data_api.rest_url, timeout=30) as http:
+        for fn in catalog.functions:
+            for extra in extras:
+                body = {**dict.fromkeys(fn.arg_names, "pro"), **extra}
+                r = http.post(
+                    f"/rpc/{fn.name}", headers=headers(data_api, caller, "api"), json=body
+                )
+                assert answer(r) == (404, "PGRST202"), (fn.signature, extra, r.text)
+    assert changed(before, contents(owner)) == []
+    # What a registration quotes is the plan's price in the database.
+    with httpx.Client(base_url=data_api.rest_url, timeout=30) as http:
+        quoted = http.post(
+            "/rpc/begin_registration",
+            headers=headers(data_api, caller, "api"),
+            json={"plan": "pro"},
+        ).json()
+    price = owner.execute(
+        "select pp.amount from billing.plan_prices pp join billing.plans p on p.id = pp.plan_id"
+        " where p.code = 'pro' order by pp.effective_from desc limit 1"
+    ).fetchone()
+    assert price is not None
+    assert quoted["amount"] == price[0] == 9900

@@ -36,7 +36,7 @@ Conn = psycopg.Connection[Any]
 
 
 @pytest.fixture
-def populated(rt: Runtime, dbname: str) -> Iterator[tuple[str, str]]:
+def populated(rt: Runtime, dbname: str) -> tuple[str, str]:
     """Two subscribers whose first period is paid, so every refusal has rows to protect."""
     subs = (str(uuid.uuid4()), str(uuid.uuid4()))
     with serve_sandbox() as (url, clock):
@@ -66,7 +66,7 @@ def act_as(conn: Conn, role: str, sub: str | None = None) -> None:
     conn.execute("select set_config('request.jwt.claims', %s, false)", (claims_of(sub or ""),))
 
 
-def refusal(conn: Conn, statement: sql.Composable) -> str | None:
+def refusal(conn: Conn, statement: sql.Composed) -> str | None:
     """The SQLSTATE the statement was refused with, or None when it ran."""
     try:
         conn.execute(statement)
@@ -75,7 +75,7 @@ def refusal(conn: Conn, statement: sql.Composable) -> str | None:
     return None
 
 
-def statements(rel: Relation) -> dict[str, sql.Composable]:
+def statements(rel: Relation) -> dict[str, sql.Composed]:
     ident = sql.Identifier(rel.schema, rel.name)
     if rel.kind == "S":
         name = sql.Literal(rel.qualified)
@@ -85,7 +85,7 @@ def statements(rel: Relation) -> dict[str, sql.Composable]:
             "USAGE": sql.SQL("select nextval({})").format(name),
         }
     col = sql.Identifier(rel.first_column or "")
-    out: dict[str, sql.Composable] = {
+    out: dict[str, sql.Composed] = {
         "SELECT": sql.SQL("select * from {} limit 1").format(ident),
         "INSERT": sql.SQL("insert into {} default values").format(ident),
         "UPDATE": sql.SQL("update {} set {} = {}").format(ident, col, col),
