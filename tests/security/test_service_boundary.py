@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -278,3 +279,42 @@ def test_a_webhook_body_is_never_a_source_of_amounts(stack: Stack) -> None:
         "select payload from billing.webhook_events where transmission_id = %s", (transmission,)
     )
     assert body["data"]["totalAmount"] == 1
+
+
+# ------------------------------------------------------------------------ the success redirect
+
+
+def test_toss_is_asked_to_issue_only_for_a_registration_that_can_complete(stack: Stack) -> None:
+    """Anyone can reach the success URL; a stranger's customerKey never reaches Toss."""
+    reg = stack.bl.api("u1", "begin_registration", "pro", claims={"email": "u1@example.com"})
+    stranger = "ck_" + uuid.uuid4().hex
+    with stack.toss() as toss:
+        minted = {
+            ck: toss.post("/_sandbox/auth-keys", json={"customerKey": ck}).json()["authKey"]
+            for ck in (stranger, reg["customerKey"])
+        }
+    with httpx.Client(base_url=stack.service.url, timeout=60) as web:
+        unknown = web.get("/billing/success", params={"customerKey": stranger, "authKey": "x1"})
+        assert (unknown.status_code, "REGISTRATION_NOT_FOUND" in unknown.text) == (404, True)
+        # A stranger's genuine authKey on their own customerKey: still no registration here.
+        theirs = {"customerKey": stranger, "authKey": minted[stranger]}
+        assert web.get("/billing/success", params=theirs).status_code == 404
+        # A made-up authKey on a real pending registration: Toss refuses it, the request's fault.
+        forged = {"customerKey": reg["customerKey"], "authKey": "bln_forged"}
+        refused = web.get("/billing/success", params=forged)
+        assert refused.status_code == 400
+        assert "INVALID_BILLING_AUTH" in refused.text
+        assert stack.bl.scalar("select count(*) from billing.payment_methods") == 0
+    # The stranger's authKey was never spent: Toss issues a key from it now.
+    with stack.toss() as toss:
+        issued = toss.post(
+            "/v1/billing/authorizations/issue",
+            json=theirs,
+            headers={"Idempotency-Key": str(uuid.uuid4())},
+        )
+        assert issued.status_code == 200, issued.text
+    stack.bl.advance(timedelta(days=30))  # the pending registration expires
+    with httpx.Client(base_url=stack.service.url, timeout=60) as web:
+        ours = {"customerKey": reg["customerKey"], "authKey": minted[reg["customerKey"]]}
+        expired = web.get("/billing/success", params=ours)
+    assert (expired.status_code, "REGISTRATION_NOT_PENDING" in expired.text) == (409, True)
