@@ -140,6 +140,11 @@ class Catalog:
         )
         return cls(tuple(names), relations, functions)
 
+    @classmethod
+    def project(cls, conn: psycopg.Connection[Any]) -> Catalog:
+        """The objects of the project's own schemas (every schema but the platform's)."""
+        return cls.read(conn, cls.read(conn).project_schemas)
+
     @property
     def project_schemas(self) -> list[str]:
         return [s for s in self.schemas if s not in PLATFORM_SCHEMAS]

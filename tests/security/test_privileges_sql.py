@@ -125,8 +125,7 @@ def test_every_schema_has_a_rule(admin: Conn) -> None:
 def test_no_role_reaches_a_relation_beyond_its_rule_and_refusals_change_nothing(
     admin: Conn, populated: tuple[str, str]
 ) -> None:
-    catalog = Catalog.read(admin)
-    catalog = Catalog.read(admin, catalog.project_schemas)
+    catalog = Catalog.project(admin)
     assert len(catalog.relations) >= 30  # billing's tables and analytics' views at least
     before = contents(admin)
     surprises: list[tuple[str, str, str, str | None]] = []
@@ -162,8 +161,7 @@ def test_no_role_reaches_a_relation_beyond_its_rule_and_refusals_change_nothing(
 def test_no_role_executes_a_function_beyond_its_rule_and_refusals_change_nothing(
     admin: Conn, populated: tuple[str, str]
 ) -> None:
-    catalog = Catalog.read(admin)
-    catalog = Catalog.read(admin, catalog.project_schemas)
+    catalog = Catalog.project(admin)
     before = contents(admin)
     wrong_grants: list[tuple[str, str]] = []
     surprises: list[tuple[str, str, str | None]] = []
