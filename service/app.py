@@ -40,7 +40,7 @@ from service.crypto import Keyring
 from service.logs import AccessLog
 from service.metrics import Metrics
 from service.settings import Settings, load
-from service.toss import PooledTransport, TossClient, TossException
+from service.toss import PooledTransport, TossClient, TossError, TossException
 from service.workers import Worker
 
 _log = logging.getLogger("saju_billing.app")
@@ -90,6 +90,7 @@ def _page(name: str, status: int = 200, **values: str) -> HTMLResponse:
 async def doorbell(request: Request) -> Response:
     """
     summary: Work is waiting (rung by billing.tick through pg_net); the service pulls it.
+    security: [{doorbell: []}]
     responses:
       202: {description: accepted; a drain starts or one more pass is queued}
       401: {description: missing or wrong token}
@@ -106,15 +107,67 @@ async def doorbell(request: Request) -> Response:
 # ----------------------------------------------------------------------------------- webhooks
 
 
+# Toss's two envelopes: {eventType, createdAt, data: {...}}, and DEPOSIT_CALLBACK's flat one.
+_ENVELOPE: dict[str, type] = {"eventType": str, "createdAt": str, "data": dict}
+_DEPOSIT: dict[str, type] = {
+    "createdAt": str,
+    "secret": str,
+    "status": str,
+    "transactionKey": str,
+    "orderId": str,
+}
+
+
+def _envelope_problem(payload: dict[str, Any]) -> str | None:
+    """Why a body is neither of Toss's webhook shapes (None when it is one): see /openapi.json."""
+    shape: dict[str, type]
+    required: tuple[str, ...]
+    if "eventType" in payload:
+        shape, required = _ENVELOPE, ("eventType",)
+    else:
+        shape, required = _DEPOSIT, ("secret", "status", "orderId")
+    missing = [k for k in required if k not in payload]
+    if missing:
+        return "no event type, and not a deposit callback (secret, status, orderId)"
+    wrong = [k for k, kind in shape.items() if k in payload and not isinstance(payload[k], kind)]
+    if wrong:
+        return f"wrong type of {', '.join(wrong)}"
+    event_type = payload.get("eventType")
+    if isinstance(event_type, str) and not 1 <= len(event_type) <= 100:
+        return "eventType must be 1–100 characters"
+    return None
+
+
 async def toss_webhook(request: Request) -> Response:
     """
     summary: A Toss webhook; stored before anything else, answered at once, processed later.
+    parameters:
+      - {name: tosspayments-webhook-transmission-id, in: header, required: false,
+         schema: {type: string}}
     requestBody:
       required: true
-      content: {application/json: {schema: {type: object}}}
+      content:
+        application/json:
+          schema:
+            anyOf:
+              - type: object
+                required: [eventType]
+                properties:
+                  eventType: {type: string, minLength: 1, maxLength: 100}
+                  createdAt: {type: string}
+                  data: {type: object}
+              - type: object
+                description: DEPOSIT_CALLBACK, flat and without an event type
+                required: [secret, status, orderId]
+                properties:
+                  createdAt: {type: string}
+                  secret: {type: string}
+                  status: {type: string}
+                  transactionKey: {type: string}
+                  orderId: {type: string}
     responses:
       200: {description: stored (or a duplicate of a stored one)}
-      400: {description: not a JSON object, or no event type}
+      400: {description: not a JSON object, or no usable event type}
       413: {description: body larger than 256 KiB}
     """
     s = _services(request)
@@ -129,6 +182,9 @@ async def toss_webhook(request: Request) -> Response:
         return _problem(400, "INVALID_JSON", "the body is not JSON")
     if not isinstance(payload, dict):
         return _problem(400, "INVALID_JSON", "the body is not a JSON object")
+    problem = _envelope_problem(payload)
+    if problem is not None:
+        return _problem(400, "INVALID_WEBHOOK", problem)
     # Toss's transmission id dedupes retries; without one the body itself is the identity.
     transmission = request.headers.get("tosspayments-webhook-transmission-id") or (
         "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -163,7 +219,10 @@ async def card_page(request: Request) -> Response:
     """
     summary: The hosted card page for a pending registration (Toss SDK v2 requestBillingAuth).
     parameters:
-      - {name: customer_key, in: path, required: true, schema: {type: string}}
+      - name: customer_key
+        in: path
+        required: true
+        schema: {type: string, pattern: '^[A-Za-z0-9_=.@-]{2,50}$'}
     responses:
       200: {description: the page}
       400: {description: not a customerKey}
@@ -183,6 +242,15 @@ async def card_page(request: Request) -> Response:
     )
 
 
+def _refused_auth_key(exc: TossException) -> bool:
+    """Toss answered 4xx about the request itself (not 401/403 about our key, not 429)."""
+    return (
+        isinstance(exc, TossError)
+        and 400 <= exc.http_status < 500
+        and (exc.http_status not in (401, 403, 429))
+    )
+
+
 def issue_idempotency_key(customer_key: str, auth_key: str) -> str:
     """The authKey is single-use: a retried redirect must reuse the key of the first issue."""
     return hashlib.sha256(f"issue:{customer_key}:{auth_key}".encode()).hexdigest()
@@ -192,26 +260,46 @@ async def registration_success(request: Request) -> Response:
     """
     summary: The SDK's success redirect; issues the billing key and records it.
     parameters:
-      - {name: customerKey, in: query, required: true, schema: {type: string}}
-      - {name: authKey, in: query, required: true, schema: {type: string}}
+      - name: customerKey
+        in: query
+        required: true
+        schema: {type: string, pattern: '^[A-Za-z0-9_=.@-]{2,50}$'}
+      - name: authKey
+        in: query
+        required: true
+        schema: {type: string, pattern: '^[A-Za-z0-9_=.@-]{1,300}$'}
     responses:
       303: {description: registered; on to the app}
-      400: {description: missing or malformed parameters}
+      400: {description: missing or malformed parameters, or Toss refused the authKey}
+      404: {description: no registration with this customerKey}
       409: {description: the registration is not pending (expired, used, failed)}
-      502: {description: Toss refused or did not answer}
+      502: {description: Toss did not answer, or refused our own credentials}
     """
     s = _services(request)
     customer_key = request.query_params.get("customerKey", "")
     auth_key = request.query_params.get("authKey", "")
     if not (_CUSTOMER_KEY.fullmatch(customer_key) and _AUTH_KEY.fullmatch(auth_key)):
         return _page("error.html", 400, title="Invalid request", detail="INVALID_REQUEST")
+    # Toss is asked only for a registration that can still complete: anyone can reach this URL,
+    # and each issue call spends the merchant's Toss rate limit.
+    try:
+        async with s.pool.connection() as conn:
+            await db.run(conn, db.service_check_registration(customer_key))
+    except (db.NotFound, db.Conflict) as exc:
+        found = isinstance(exc, db.Conflict)
+        code = "REGISTRATION_NOT_PENDING" if found else "REGISTRATION_NOT_FOUND"
+        return _page(
+            "error.html", 409 if found else 404, title="Card registration failed", detail=code
+        )
     try:
         billing = await s.toss.issue_billing_key(
             auth_key, customer_key, idempotency_key=issue_idempotency_key(customer_key, auth_key)
         )
     except TossException as exc:
         _log.warning("billing-key issue failed: %s", exc)
-        return _page("error.html", 502, title="Card registration failed", detail=str(exc)[:200])
+        # Toss refusing the authKey is the request's fault; anything else is Toss or our keys.
+        status = 400 if _refused_auth_key(exc) else 502
+        return _page("error.html", status, title="Card registration failed", detail=str(exc)[:200])
     card = None
     if billing.card is not None:
         card = {
@@ -247,7 +335,10 @@ async def registration_fail(request: Request) -> Response:
     """
     summary: The SDK's fail redirect; records the failure and explains it.
     parameters:
-      - {name: code, in: query, required: true, schema: {type: string}}
+      - name: code
+        in: query
+        required: true
+        schema: {type: string, pattern: '^[A-Z0-9_]{1,100}$'}
       - {name: message, in: query, required: false, schema: {type: string}}
       - {name: customerKey, in: query, required: false, schema: {type: string}}
     responses:
@@ -318,7 +409,11 @@ async def metrics(request: Request) -> Response:
 
 
 _schemas = SchemaGenerator(
-    {"openapi": "3.0.3", "info": {"title": "saju-billing service", "version": "1"}}
+    {
+        "openapi": "3.0.3",
+        "info": {"title": "saju-billing service", "version": "1"},
+        "components": {"securitySchemes": {"doorbell": {"type": "http", "scheme": "bearer"}}},
+    }
 )
 
 

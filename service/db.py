@@ -380,6 +380,17 @@ class PaymentMethodDeleted:
 # ------------------------------------------------------------------------- card registration
 
 
+def service_check_registration(customer_key: str) -> Call[str]:
+    """'pending' or 'completed' (a retried redirect); NotFound or Conflict otherwise."""
+    return Call(
+        "service_check_registration",
+        "select billing.service_check_registration(customer_key => %(customer_key)s::text)"
+        " as result",
+        {"customer_key": customer_key},
+        lambda rows: str(_one(rows)["result"]),
+    )
+
+
 def service_complete_registration(
     customer_key: str, sealed: SealedKey, card: Json | None
 ) -> Call[Registration]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Literal, TypedDict, Unpack
@@ -113,6 +115,27 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return ApiError("NOT_FOUND_HTTP_METHOD").response(language(request))
 
 
+# A charge (POST) and a deletion (DELETE) name the billing key in the path.
+_BILLING_KEY_IN_PATH = re.compile(r"^(/v1/billing/)(?!authorizations/)[^/?]+")
+
+
+class MaskBillingKeys(logging.Filter):
+    """uvicorn's access log prints each request's path: a billing key in it becomes ``****``.
+
+    The sandbox is Toss's side, but its log is a file on the merchant's machine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn.access: (client, method, path with query, HTTP version, status)
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            masked = _BILLING_KEY_IN_PATH.sub(r"\1****", args[2])
+            record.args = (*args[:2], masked, *args[3:])
+        return True
+
+
 def serve(host: str = "127.0.0.1", port: int = 8100, **options: Unpack[SandboxOptions]) -> None:
     """Run the sandbox until interrupted (``saju-billing sandbox --port 8100``)."""
-    uvicorn.run(build_app(**options), host=host, port=port, ws="none", log_level="info")
+    config = uvicorn.Config(build_app(**options), host=host, port=port, ws="none", log_level="info")
+    # After Config: it (re)configures uvicorn's loggers.
+    logging.getLogger("uvicorn.access").addFilter(MaskBillingKeys())
+    uvicorn.Server(config).run()

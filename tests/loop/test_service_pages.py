@@ -44,7 +44,7 @@ def test_the_hosted_card_page_registers_a_card_in_a_real_browser(stack: Stack) -
     )
 
 
-def test_a_redirect_after_the_registration_expired_deletes_the_new_key(stack: Stack) -> None:
+def test_a_redirect_after_the_registration_expired_never_reaches_toss(stack: Stack) -> None:
     reg = stack.bl.api("u1", "begin_registration", "pro")
     customer_key = reg["customerKey"]
     auth = httpx.BasicAuth(SECRET_KEY, "")
@@ -59,21 +59,17 @@ def test_a_redirect_after_the_registration_expired_deletes_the_new_key(stack: St
     assert page.status_code == 409
     assert "REGISTRATION_NOT_PENDING" in page.text
     assert stack.bl.scalar("select count(*) from billing.payment_methods") == 0
-    # The key Toss issued is gone again: the service's issue, replayed under its Idempotency-Key,
-    # names the key, and charging it is refused as removed.
+    # No billing key was issued for it: the authKey is still unspent at Toss, so no key is left
+    # behind to delete. (A registration that expires between that check and the record still
+    # has its new key deleted by the service.)
     issued = httpx.post(
         f"{stack.sandbox.url}/v1/billing/authorizations/issue",
         json={"authKey": auth_key, "customerKey": customer_key},
         headers={"Idempotency-Key": issue_idempotency_key(customer_key, auth_key)},
         auth=auth,
     )
-    key = issued.json()["billingKey"]
-    charge = httpx.post(
-        f"{stack.sandbox.url}/v1/billing/{key}",
-        json={"customerKey": customer_key, "amount": 100, "orderId": "late-1", "orderName": "x"},
-        auth=auth,
-    )
-    assert charge.json()["code"] == "ALREADY_REMOVED_BILLING_KEY"
+    assert issued.status_code == 200, issued.text
+    assert issued.json()["customerKey"] == customer_key
 
 
 def test_keys_rotate_online_to_the_active_key_id(

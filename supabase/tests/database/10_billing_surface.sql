@@ -57,7 +57,7 @@ select functions_are('billing', array[
   'service_claim_key_deletions', 'service_record_key_deleted', 'service_claim_notifications',
   'service_record_notification_delivered', 'service_keys_to_rotate', 'service_record_key_rotated',
   'service_claim_reconciliations', 'service_unknown_payment_keys', 'service_record_reconciliation',
-  'service_queue_depths',
+  'service_queue_depths', 'service_check_registration',
   -- operator and scheduler
   'request_refund', 'change_plan_price', 'cancel_subscription_now', 'retry_subscription_charge',
   'configure_plan_dunning', 'ring_service', 'tick', 'ops_configure_doorbell', 'request_reconciliation',
@@ -106,7 +106,8 @@ select set_eq(
        ('billing.service_claim_reconciliations(worker text, batch integer, lease interval)', 'billing_service'),
        ('billing.service_unknown_payment_keys(payment_keys text[])', 'billing_service'),
        ('billing.service_record_reconciliation(reconciliation_id uuid, lease_token uuid, payment_keys text[], error_code text, error_message text)', 'billing_service'),
-       ('billing.service_queue_depths()', 'billing_service') $$,
+       ('billing.service_queue_depths()', 'billing_service'),
+       ('billing.service_check_registration(customer_key text)', 'billing_service') $$,
   'api is executable by authenticated only, service_* by billing_service only, nothing else by anyone');
 
 select is_empty(

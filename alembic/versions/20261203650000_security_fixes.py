@@ -1,0 +1,19 @@
+"""security_fixes
+
+Runs supabase/migrations/20261203650000_security_fixes.sql unchanged.
+"""
+
+from service.runtime.migrations import run_revision
+
+revision = "20261203650000"
+down_revision = "20261203500000"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_revision(revision)
+
+
+def downgrade() -> None:
+    raise NotImplementedError("migrations are forward-only")
