@@ -6,7 +6,7 @@ Runs supabase/migrations/20261203650000_security_fixes.sql unchanged.
 from service.runtime.migrations import run_revision
 
 revision = "20261203650000"
-down_revision = "20261203500000"
+down_revision = "20261203600000"
 branch_labels = None
 depends_on = None
 

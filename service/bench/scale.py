@@ -11,6 +11,15 @@ from START, so one day's renewals are N/30), then measures:
   tick a minute).
 * ``steady_tick_ms``: the clock moved a minute at a time after that, each tick renewing what a
   minute brings; median.
+* ``db_ms_per_charge``: the burst's attempts claimed (batches of 50) and recorded as approved by
+  one worker straight through the service's SQL calls (``service/db.py``; no Toss): database time
+  per charge from ``pg_stat_statements`` (the claims' and records' execution time over charges).
+* ``db_charges_per_s``: the same with four workers at once, charges per second of wall time.
+
+``idle_tick_ms`` is taken with the loaded subscribers' welcome notifications delivered (as the
+service would have delivered them), so nothing is claimable; the tick that rings the doorbell for
+them is reported beside it. The burst is also timed through ``call billing.run_ticks()`` (what
+pg_cron calls: short committed rounds) on a copy of the state, as ``due_to_attempts_s``.
 
 Times include the loopback round trip. Results go to ``bench-results/scale.json`` and a readable
 ``bench-results/scale.txt``.
@@ -23,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,8 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import TupleRow
 
+from service import db
 from service.bench import loader
 from service.runtime import testdb
 from service.runtime.cluster import ADMIN_USER, Runtime
@@ -71,6 +83,9 @@ TABLES = (
 )
 
 Conn = psycopg.Connection[TupleRow]
+CHARGE_BATCH = 50
+WORKERS = 4
+SERVICE_ROLE = "billing_service"
 
 
 def _ms(seconds: float) -> float:
@@ -120,8 +135,8 @@ def _api_calls(rt: Runtime, dbname: str, n: int, samples: int) -> dict[str, list
     return times
 
 
-def _burst(conn: Conn) -> dict[str, Any]:
-    conn.execute("select billing.set_test_clock(%s)", (START + timedelta(days=32),))
+def _burst(conn: Conn, at: datetime) -> dict[str, Any]:
+    conn.execute("select billing.set_test_clock(%s)", (at,))
     due = _scalar(
         conn,
         """select count(*) from billing.subscriptions
@@ -161,6 +176,150 @@ def _steady(conn: Conn, runs: int) -> tuple[list[float], list[int]]:
     return times, renewals
 
 
+def _approval(claim: db.ClaimedAttempt, at: datetime) -> dict[str, Any]:
+    """The Toss Payment an approval of this claim returns (as the sandbox answers it)."""
+    return {
+        "paymentKey": f"pk_{claim.order_id}",
+        "orderId": claim.order_id,
+        "status": "DONE",
+        "method": "카드",
+        "totalAmount": claim.amount,
+        "balanceAmount": claim.amount,
+        "approvedAt": at.isoformat(timespec="seconds"),
+        "secret": f"ps_{claim.order_id[:20]}",
+        "lastTransactionKey": f"tx_{claim.order_id}",
+        "receipt": {"url": f"https://receipt.example/{claim.order_id}"},
+        "cancels": None,
+    }
+
+
+def _charge(dsn: str, worker: str, limit: int, counts: list[int]) -> None:
+    """Claims and records approvals until ``limit`` charges or an empty queue, as the service
+    does (its role, autocommit, one call per statement)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        db.run_sync(conn, db.set_role(SERVICE_ROLE))
+        done = 0
+        while done < limit:
+            claims = db.run_sync(
+                conn, db.service_claim_attempts(worker, min(CHARGE_BATCH, limit - done))
+            )
+            if not claims:
+                break
+            at = datetime.now(UTC)
+            for claim in claims:
+                db.run_sync(
+                    conn,
+                    db.service_record_charge_success(
+                        claim.attempt_id, claim.lease_token, _approval(claim, at)
+                    ),
+                )
+            done += len(claims)
+        counts.append(done)
+
+
+def _statements(admin: Conn, dbname: str, charges: int, top: int = 15) -> list[dict[str, Any]]:
+    """pg_stat_statements for this database: the costliest statements (nested ones included)."""
+    rows = admin.execute(
+        """select s.toplevel, s.calls, s.total_exec_time, s.rows,
+                  regexp_replace(s.query, '\\s+', ' ', 'g')
+             from extensions.pg_stat_statements s
+            where s.dbid = (select oid from pg_database where datname = %s)
+            order by s.total_exec_time desc
+            limit %s""",
+        (dbname, top),
+    ).fetchall()
+    return [
+        {
+            "toplevel": toplevel,
+            "calls": calls,
+            "total_ms": round(total, 1),
+            "ms_per_charge": round(total / max(charges, 1), 4),
+            "rows": n,
+            "query": str(query)[:200],
+        }
+        for toplevel, calls, total, n, query in rows
+    ]
+
+
+def _charge_db_ms(admin: Conn, dbname: str) -> float:
+    """Top-level execution time of the claims and the records, in ms."""
+    return float(
+        _scalar(
+            admin,
+            """select coalesce(sum(s.total_exec_time), 0) from extensions.pg_stat_statements s
+                where s.dbid = (select oid from pg_database where datname = %s) and s.toplevel
+                  and (s.query like '%%service_claim_attempts%%'
+                       or s.query like '%%service_record_charge_success%%')""",
+            (dbname,),
+        )
+    )
+
+
+def _charges(rt: Runtime, dbname: str, admin: Conn, workers: int, limit: int) -> dict[str, Any]:
+    """``workers`` workers charging up to ``limit`` in all; throughput and database time."""
+    admin.execute("select extensions.pg_stat_statements_reset()")
+    counts: list[int] = []
+    threads = [
+        threading.Thread(
+            target=_charge,
+            args=(rt.dsn(dbname, "postgres"), f"bench-{k}", limit // workers, counts),
+        )
+        for k in range(workers)
+    ]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    charges = sum(counts)
+    db_ms = _charge_db_ms(admin, dbname)
+    return {
+        "workers": workers,
+        "batch": CHARGE_BATCH,
+        "charges": charges,
+        "wall_s": round(wall, 3),
+        "charges_per_s": round(charges / wall, 1) if wall else 0.0,
+        "db_ms_per_charge": round(db_ms / max(charges, 1), 4),
+        "wall_ms_per_charge": round(wall * 1000 * workers / max(charges, 1), 4),
+        "statements": _statements(admin, dbname, charges),
+    }
+
+
+def _run_ticks_burst(rt: Runtime, dbname: str) -> dict[str, Any]:
+    """The burst through ``call billing.run_ticks()`` (pg_cron's call, once a minute) until nothing
+    is due: the last round commits (calls - 1) minutes after the first call started, plus the last
+    call's own duration."""
+    due_query = """select count(*) from billing.subscriptions
+                    where status = 'active' and current_period_ends_at <= billing.now()"""
+    with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
+        conn.execute("select billing.set_test_clock(%s)", (START + timedelta(days=32),))
+        due = _scalar(conn, due_query)
+        calls: list[dict[str, Any]] = []
+        left = due
+        while left:
+            elapsed = _timed(lambda: conn.execute("call billing.run_ticks()"))
+            left = _scalar(conn, due_query)
+            calls.append({"s": round(elapsed, 3), "left": left})
+        queued = _scalar(
+            conn, "select count(*) from billing.charge_attempts where status = 'queued'"
+        )
+    return {
+        "due": due,
+        "calls": calls,
+        "claimable_attempts": queued,
+        "s": round((len(calls) - 1) * CRON_INTERVAL_S + calls[-1]["s"], 3) if calls else 0.0,
+    }
+
+
+def _cold_calls(rt: Runtime, dbname: str, query: str, runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
+            times.append(_timed(lambda: conn.execute(query)))
+    return times
+
+
 def _environment(conn: Conn, rt: Runtime) -> dict[str, Any]:
     meminfo = Path("/proc/meminfo")
     mem = meminfo.read_text().splitlines()[0] if meminfo.exists() else "unknown"
@@ -174,6 +333,8 @@ def _environment(conn: Conn, rt: Runtime) -> dict[str, Any]:
         },
         "postgres": _scalar(conn, "select version()"),
         "durable_mode": rt.durable,
+        # Other work shares the machine: the 1, 5 and 15-minute load averages when measured.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "settings": {
             name: _scalar(conn, "select current_setting(%s)", (name,)) for name in SETTINGS
         },
@@ -205,6 +366,7 @@ def run(subscriptions: int, out_dir: Path, keep: bool = False) -> dict[str, Any]
     rt = replace(Runtime.from_env(), durable=True)
     rt.start()
     dbname = testdb.clone(rt, testdb.migrated_template(rt), prefix="bench")
+    charges_one = max(100, min(2_000, subscriptions // 50))
     try:
         with psycopg.connect(rt.dsn(dbname, ADMIN_USER), autocommit=True) as admin:
             admin.execute("select billing.enable_test_clock()")
@@ -212,15 +374,33 @@ def run(subscriptions: int, out_dir: Path, keep: bool = False) -> dict[str, Any]
             load_s = _timed(
                 lambda: loader.load_subscribers(admin, subscriptions, START, SPREAD, "load-")
             )
-        with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
-            conn.execute("select billing.set_test_clock(%s)", (START + SPREAD,))
-            environment = _environment(conn, rt)
-            _tick(conn)  # the clock jump's own catch-up (registrations, notifications)
-            idle = _idle_ticks(rt, dbname, runs=10)
-            api = _api_calls(rt, dbname, subscriptions, samples=20)
-            burst = _burst(conn)
-            steady, steady_renewals = _steady(conn, runs=10)
-            sizes = _sizes(conn)
+            # Per-statement costs, nested statements included, for every later session.
+            admin.execute("create extension if not exists pg_stat_statements schema extensions")
+            admin.execute(
+                sql.SQL("alter database {} set pg_stat_statements.track = 'all'").format(
+                    sql.Identifier(dbname)
+                )
+            )
+            with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
+                conn.execute("select billing.set_test_clock(%s)", (START + SPREAD,))
+                environment = _environment(conn, rt)
+                _tick(conn)  # the clock jump's own catch-up (registrations, notifications)
+                ringing = _idle_ticks(rt, dbname, runs=5)
+                # The welcome notifications, delivered as the service would have delivered them.
+                admin.execute(
+                    "update billing.notifications set delivered_at = billing.now()"
+                    " where delivered_at is null"
+                )
+                idle = _idle_ticks(rt, dbname, runs=10)
+                idle_calls = _cold_calls(rt, dbname, "call billing.run_ticks()", runs=10)
+                api = _api_calls(rt, dbname, subscriptions, samples=20)
+                burst = _run_ticks_burst(rt, dbname)
+                one = _charges(rt, dbname, admin, workers=1, limit=charges_one)
+                four = _charges(rt, dbname, admin, workers=WORKERS, limit=charges_one * WORKERS)
+                # The next day's burst through billing.tick() (one transaction a minute).
+                tick_burst = _burst(conn, START + timedelta(days=33))
+                steady, steady_renewals = _steady(conn, runs=10)
+                sizes = _sizes(conn)
         api_medians = {call: _median_ms(times) for call, times in api.items()}
         results: dict[str, Any] = {
             "benchmark": "scale",
@@ -230,16 +410,23 @@ def run(subscriptions: int, out_dir: Path, keep: bool = False) -> dict[str, Any]
                 "api_call_ms": max(api_medians.values()),
                 "steady_tick_ms": _median_ms(steady),
                 "idle_tick_ms": _median_ms(idle),
-                "due_to_attempts_s": burst["due_to_attempts_s"],
+                "due_to_attempts_s": burst["s"],
+                "db_ms_per_charge": one["db_ms_per_charge"],
+                "db_charges_per_s": four["charges_per_s"],
             },
             "detail": {
                 "load_s": round(load_s, 1),
                 "api_call_ms_median": api_medians,
                 "api_call_ms_max": {call: _ms(max(times)) for call, times in api.items()},
                 "idle_tick_ms_runs": [_ms(t) for t in idle],
+                "idle_run_ticks_ms_runs": [_ms(t) for t in idle_calls],
+                "idle_tick_ringing_ms_runs": [_ms(t) for t in ringing],
                 "steady_tick_ms_runs": [_ms(t) for t in steady],
                 "steady_tick_renewals": steady_renewals,
                 "burst": burst,
+                "tick_burst": tick_burst,
+                "charges_1_worker": one,
+                "charges_4_workers": four,
                 "sizes": sizes,
             },
             **environment,
@@ -258,24 +445,28 @@ def run(subscriptions: int, out_dir: Path, keep: bool = False) -> dict[str, Any]
 def table(results: dict[str, Any]) -> str:
     """The figures as a readable table."""
     figures = results["figures"]
-    burst = results["detail"]["burst"]
+    detail = results["detail"]
+    burst, tick_burst = detail["burst"], detail["tick_burst"]
+    four = detail["charges_4_workers"]
     rows = [
         ("subscriptions", f"{results['subscriptions']:,}"),
         ("api_call_ms (slowest api.* median)", f"{figures['api_call_ms']:.3f}"),
         ("idle_tick_ms (new session, median)", f"{figures['idle_tick_ms']:.3f}"),
         ("steady_tick_ms (median)", f"{figures['steady_tick_ms']:.3f}"),
         ("due_to_attempts_s (one day's renewals)", f"{figures['due_to_attempts_s']:.3f}"),
-        ("  renewals due in the burst", f"{burst['due']:,}"),
+        ("  renewals due / run_ticks calls", f"{burst['due']:,} / {len(burst['calls'])}"),
         (
-            "  ticks / work / longest tick (s)",
-            f"{len(burst['ticks'])} / {burst['work_s']} / {burst['longest_tick_s']}",
+            "  next day by billing.tick(): ticks / work / longest (s)",
+            f"{len(tick_burst['ticks'])} / {tick_burst['work_s']} / {tick_burst['longest_tick_s']}",
         ),
-        ("load (s)", f"{results['detail']['load_s']}"),
+        ("db_ms_per_charge (1 worker, batch 50)", f"{figures['db_ms_per_charge']:.3f}"),
+        ("db_charges_per_s (4 workers)", f"{figures['db_charges_per_s']:.1f}"),
+        ("  db_ms_per_charge at 4 workers", f"{four['db_ms_per_charge']:.3f}"),
+        ("load (s)", f"{detail['load_s']}"),
+        ("load average (1, 5, 15 min)", " ".join(str(x) for x in results["load_average"])),
         ("durable mode", str(results["durable_mode"])),
         ("postgres", str(results["postgres"]).split(" on ")[0]),
     ]
-    rows += [
-        (f"  {call}", f"{ms:.3f}") for call, ms in results["detail"]["api_call_ms_median"].items()
-    ]
+    rows += [(f"  {call}", f"{ms:.3f}") for call, ms in detail["api_call_ms_median"].items()]
     width = max(len(name) for name, _ in rows)
     return "".join(f"{name.ljust(width)}  {value}\n" for name, value in rows)

@@ -232,7 +232,8 @@ class Runtime:
                     "listen_addresses = '127.0.0.1'",
                     f"port = {self.port}",
                     "unix_socket_directories = '/tmp'",
-                    "shared_preload_libraries = 'pg_cron'",
+                    # pg_stat_statements as on Supabase: the benchmarks read per-statement costs.
+                    "shared_preload_libraries = 'pg_cron,pg_stat_statements'",
                     f"cron.database_name = '{cron_database}'",
                     # No libpq connection (and so no password) needed for job runs.
                     "cron.use_background_workers = on",

@@ -65,7 +65,9 @@ select functions_are('billing', array[
   -- the scheduler's steps and the event log's partitions
   'tick_expire_registrations', 'tick_expire_leases', 'tick_end_at_period_end', 'tick_renew', 'tick_end_grace',
   'tick_expire_credits', 'tick_maintain_event_partitions', 'run_tick_step', 'seal_event_table',
-  'ensure_event_partition', 'archive_event_month'], 'billing holds exactly these functions');
+  'ensure_event_partition', 'archive_event_month',
+  -- the tick's probe, its summary, one budgeted round, and the procedure that commits between rounds
+  'tick_probe', 'tick_summary', 'tick_idle', 'tick_run', 'run_ticks'], 'billing holds exactly these functions');
 
 -- Who may execute what: every (function, role) pair for the API roles, the service and the analyst.
 select set_eq(
@@ -250,8 +252,8 @@ select throws_ok($$ select billing.assert_surface_locked_down() $$, 'P0001',
 -- The scheduler
 select results_eq(
   $$ select schedule, command from cron.job where jobname = 'saju-billing-tick' $$,
-  $$ values ('* * * * *'::text, 'select billing.tick()'::text) $$,
-  'pg_cron runs billing.tick() every minute');
+  $$ values ('* * * * *'::text, 'call billing.run_ticks()'::text) $$,
+  'pg_cron calls billing.run_ticks() every minute (short committed rounds)');
 select results_eq(
   $$ select schedule, command from cron.job where jobname = 'saju-billing-reconcile' $$,
   $$ values ('0 18 * * *'::text, 'select billing.schedule_reconciliation()'::text) $$,
