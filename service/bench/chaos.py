@@ -68,7 +68,7 @@ FAULTS: tuple[tuple[str, Spec], ...] = (
     *_on(("webhook",), "webhook_reordered", {"kind": "delay", "rate": 0.15}),
 )
 
-STALL_S = 2.0  # no change in the work left for this long: pg_cron's next minute comes
+STALL_S = 1.0  # no change in the work left for this long: pg_cron's next minute comes
 MINUTES_LIMIT = 240  # a day that needs more of pg_cron's minutes than this is stuck
 DRAIN_LIMIT_S = 900.0
 
