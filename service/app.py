@@ -451,6 +451,9 @@ def build_app(settings: Settings | None = None, *, run_worker: bool = True) -> S
             max_size=s.db_pool_size,
             kwargs={"autocommit": True},
             configure=configure,
+            # A connection the database dropped (a restart, a failover) is replaced before it is
+            # handed out, not discovered halfway through a registration or a result.
+            check=AsyncConnectionPool.check_connection,
             open=False,
         )
         await pool.open(wait=True, timeout=30)

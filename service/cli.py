@@ -73,6 +73,33 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _chaos(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        from service.bench.chaos import Options, main
+    except ImportError as exc:
+        print(f"saju-billing chaos: {exc} (pip install -e '.[demo]')", file=sys.stderr)
+        return 2
+
+    # A restart of Postgres must not lose committed results: Supabase's settings.
+    os.environ["SAJU_DB_DURABLE"] = "1"
+    return main(
+        Options(
+            subscriptions=args.subscriptions,
+            months=args.months,
+            seed=args.seed,
+            service_kills=args.service_kills,
+            net_worker_kills=args.net_worker_kills,
+            postgres_restarts=args.postgres_restarts,
+            doorbells_lost=args.doorbells_lost,
+            fault_scale=args.fault_scale,
+            out_dir=Path(args.out),
+            fresh=args.fresh,
+        )
+    )
+
+
 def _token(args: argparse.Namespace) -> int:
     from service.runtime.api import DataApi
     from service.runtime.cluster import Runtime
@@ -301,6 +328,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="throw the local database away first (the demo needs one without billing data)",
     )
     demo.set_defaults(func=_demo)
+
+    ch = sub.add_parser(
+        "chaos",
+        help="billing through the whole local stack while Toss, the service, the net worker and "
+        "Postgres fail; checks the ledgers afterwards (results in bench-results/chaos.json)",
+    )
+    ch.add_argument("--subscriptions", type=int, default=5000, help="how many (default 5000)")
+    ch.add_argument("--months", type=int, default=12, help="simulated months (default 12)")
+    ch.add_argument("--seed", type=int, default=11, help="seed of the subscribers and failures")
+    ch.add_argument("--service-kills", type=int, default=6, help="SIGKILLs of the service")
+    ch.add_argument("--net-worker-kills", type=int, default=3, help="SIGKILLs of the net worker")
+    ch.add_argument(
+        "--postgres-restarts", type=int, default=2, help="restarts: a crash, then a fast stop, …"
+    )
+    ch.add_argument("--doorbells-lost", type=int, default=12, help="ticks whose ring is dropped")
+    ch.add_argument(
+        "--fault-scale", type=float, default=1.0, help="multiplies every fault's rate (default 1)"
+    )
+    ch.add_argument("--out", default="bench-results", help="where chaos.json/.txt go")
+    ch.add_argument(
+        "--fresh",
+        action="store_true",
+        help="throw the local database away first (the run needs one without billing data)",
+    )
+    ch.set_defaults(func=_chaos)
 
     tk = sub.add_parser(
         "token", help="local sign-in stand-in: print a Supabase Auth-shaped user access token"

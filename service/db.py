@@ -899,6 +899,73 @@ def ops_reconciliation_report(days: int = 30) -> Call[list[Row]]:
     )
 
 
+# ------------------------------------------------------------------------------ chaos checks
+
+
+def lose_queued_doorbells() -> Call[int]:
+    """Owner, local runtime only: drops the doorbells still queued in ``net`` (what a pg_net
+    crash does to its unlogged queue); in the transaction of a tick, that tick's ring is lost."""
+    return Call(
+        "lose_queued_doorbells",
+        "with lost as (delete from net.http_request_queue q"
+        " where q.url like '%%/internal/doorbell' returning 1)"
+        " select count(*)::integer as result from lost",
+        {},
+        lambda rows: int(_one(rows)["result"]),
+    )
+
+
+# Each column counts rows that break a rule once every queue is drained; all must be 0.
+_CONSISTENCY = """
+  select
+    (select count(*) from billing.charge_attempts where status = 'claimed')
+    + (select count(*) from billing.refunds where status = 'claimed')
+    + (select count(*) from billing.webhook_events where status = 'processing')
+    + (select count(*) from billing.key_deletions where status = 'claimed')
+    + (select count(*) from billing.reconciliation_runs where status = 'claimed')
+      as leases_left,
+    (select count(*) from billing.refunds where status in ('requested', 'claimed'))
+      as refunds_open,
+    (select count(*) from billing.reconciliation_runs where status <> 'done')
+      as reconciliations_not_done,
+    (select count(*) from billing.billing_periods bp
+      where bp.status = 'paid' and not exists (
+        select 1 from billing.credit_grants g
+         where g.period_id = bp.id and g.payment_id = bp.payment_id))
+      as paid_periods_without_credits,
+    (select count(*) from billing.credit_grants g
+       join billing.billing_periods bp on bp.id = g.period_id
+      where bp.status <> 'paid' or bp.payment_id is distinct from g.payment_id)
+      as credits_without_a_paid_period,
+    (select count(*) from billing.credit_grants g
+       join billing.payments p on p.id = g.payment_id
+      where p.balance_amount = 0 and (g.status = 'active' or g.remaining > 0))
+      as credits_kept_after_full_refund,
+    (select count(*) from billing.credit_grants g
+       join billing.payments p on p.id = g.payment_id
+      where p.balance_amount > 0 and g.status = 'revoked')
+      as credits_revoked_without_full_refund,
+    (select count(*) from billing.credit_grants g
+      where g.remaining <> (select coalesce(sum(e.amount), 0) from billing.credit_entries e
+                             where e.grant_id = g.id))
+      as credit_balances_off,
+    (select count(*) from billing.credit_grants g
+      where g.status = 'active' and g.expires_at <= billing.now())
+      as credits_past_expiry
+"""
+
+
+def consistency_violations() -> Call[dict[str, int]]:
+    """Owner: the ledger's own consistency after every queue is drained (leases, refunds,
+    reconciliation, credits against paid periods and refunds); each count must be 0."""
+    return Call(
+        "consistency_violations",
+        _CONSISTENCY,
+        {},
+        lambda rows: {k: int(v) for k, v in _one(rows).items()},
+    )
+
+
 # ------------------------------------------------------------------------------- connections
 
 

@@ -84,9 +84,10 @@ def add_months(start: datetime, months: int) -> datetime:
     return start.replace(year=start.year + total // 12, month=total % 12 + 1)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Wires:
-    """The demo's ways into the running system."""
+    """The demo's ways into the running system (a driver that restarts the database reconnects
+    them in place)."""
 
     owner: psycopg.Connection[Any]  # the operator's functions, the scheduler, the test clock
     service: psycopg.Connection[Any]  # as billing_service: the queue depths
@@ -155,12 +156,23 @@ class Demo:
 
     # ------------------------------------------------------------------------------ waiting
 
+    def ring(self, w: Wires) -> dict[str, Any]:
+        """What pg_cron does each minute: ``billing.tick()``, which rings the service."""
+        # pg_cron's own tick may hold the lock this very moment: then ours comes right after.
+        while (summary := db.run_sync(w.owner, actors.tick())).get("skipped"):
+            time.sleep(0.05)
+        return summary
+
+    def work_left(self, w: Wires) -> int:
+        """Queue rows the service could claim now or holds under a lease, plus webhooks the
+        sandbox is still sending."""
+        depths = db.run_sync(w.service, db.service_queue_depths())
+        return _work_left(depths) + actors.webhooks_pending(w.toss)
+
     def settle(self, w: Wires) -> None:
         """Rings (tick) and waits until the service has nothing left to do, including webhooks the
         sandbox is still sending."""
-        # pg_cron's own tick may hold the lock this very moment: then ours comes right after.
-        while db.run_sync(w.owner, actors.tick()).get("skipped"):
-            time.sleep(0.05)
+        self.ring(w)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         quiet = 0
         while quiet < 2:
@@ -169,9 +181,7 @@ class Demo:
                     f"the service did not drain its queues within {DRAIN_TIMEOUT_S:.0f} s; "
                     f"see its log in {self.stack.dir}"
                 )
-            if _work_left(
-                db.run_sync(w.service, db.service_queue_depths())
-            ) or actors.webhooks_pending(w.toss):
+            if self.work_left(w):
                 quiet = 0
                 time.sleep(0.02)
             else:

@@ -422,6 +422,17 @@ class Runtime:
         if self.is_running():
             self._pg_ctl("stop")
 
+    def restart(self, crash: bool = False) -> None:
+        """Stops the cluster and starts it again. ``crash``: stop it the way a crash does (no
+        shutdown checkpoint; the start runs crash recovery, which empties unlogged tables)."""
+        if crash:
+            argv = [str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.data_dir), "-w", "-m"]
+            self._run([*argv, "immediate"])
+        else:
+            self._pg_ctl("stop")
+        self._pg_ctl("start")
+        self.wait_ready()
+
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ runs under a process manager with its settings from the platform's secret store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -140,6 +141,19 @@ class Stack:
                 conn, db.ops_configure_doorbell(self.service_url, env["SAJU_DOORBELL_TOKEN"])
             )
         return self.status()
+
+    def kill(self, name: str) -> int | None:
+        """SIGKILL ``service`` or ``sandbox`` as a crash would (no shutdown, no cleanup); returns
+        the pid that was killed. ``up()`` starts it again."""
+        pid = self._pid(name)
+        if pid is None:
+            return None
+        os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # started by up() in this process: reap it
+        while self._pid(name) is not None:
+            time.sleep(0.02)
+        return pid
 
     def down(self) -> dict[str, object]:
         for name in ("service", "sandbox"):

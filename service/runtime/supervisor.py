@@ -68,6 +68,15 @@ def networker_pid(rt: Runtime) -> int | None:
     return pid if pid_alive(pid) and _is_supervisor(pid) else None
 
 
+def worker_pid(rt: Runtime) -> int | None:
+    """The pid of the supervisor's net worker child, if it is running."""
+    sup = networker_pid(rt)
+    if sup is None:
+        return None
+    workers = [p for p in owned_processes(rt) if _parent(p) == sup and b"net-worker" in _cmdline(p)]
+    return workers[0] if workers else None
+
+
 def orphans(rt: Runtime) -> list[int]:
     """Processes of this runtime that run without its supervisor."""
     sup = networker_pid(rt)

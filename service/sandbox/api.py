@@ -9,8 +9,9 @@ Every API request goes through :func:`_serve`:
    then injected ``error`` faults (both answered at once, never stored under a key);
 3. for POST with an Idempotency-Key: replay the stored first response, or 409 while the first
    request is in flight, or 400 INVALID_IDEMPOTENCY_KEY over 300 characters;
-4. processing: ``latency``/``hold`` faults, then ``TossPayments-Test-Code`` (test keys only),
-   then the handler; the response is stored under the key;
+4. processing: ``latency``/``hold`` faults, then ``processed_error`` faults and
+   ``TossPayments-Test-Code`` (test keys only), then the handler; the response is stored under
+   the key;
 5. ``latency_after_commit`` / ``drop_after_commit`` faults on the way out.
 
 Messages follow ``Accept-Language`` (``en-US``: English).
@@ -159,6 +160,8 @@ async def _process(
     if sandbox.faults.fire(endpoint, FaultKind.HOLD):
         await sandbox.faults.hold()
     try:
+        if failed := sandbox.faults.fire(endpoint, FaultKind.PROCESSED_ERROR):
+            raise failed.error()
         test_code = request.headers.get("TossPayments-Test-Code")
         # Test codes only work with test keys; live keys ignore the header.
         if test_code and not caller.live and request.method == "POST":

@@ -49,6 +49,7 @@ class Sandbox:
     ) -> None:
         self.config = config
         self.clock = clock
+        self.faults = FaultInjector(seed)
         self.merchants = tuple(
             Merchant(
                 keys,
@@ -59,12 +60,12 @@ class Sandbox:
                 record_failed_charges=config.record_failed_charges,
                 cancel_webhooks=config.cancel_webhooks,
                 rate_limit=config.rate_limit,
+                faults=self.faults,
             )
             for keys in config.merchants
         )
         self._by_secret = {d: m for m in self.merchants for d in m.keys.secret_digests}
         self._by_client_key = {k: m for m in self.merchants for k in m.keys.client_keys}
-        self.faults = FaultInjector(seed)
 
     def merchant_for_secret(self, secret_key: str) -> Merchant | None:
         return self._by_secret.get(secret_digest(secret_key))

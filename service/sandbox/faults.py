@@ -21,6 +21,17 @@ kinds:
   (a client with a shorter timeout sees a timeout although the charge happened).
 * ``drop_after_commit``: processed and stored, then the connection is closed without a
   complete response (the client sees a transport error).
+* ``processed_error``: answer ``{code, message}`` with ``status`` as Toss's own processing does
+  (e.g. 400 ``PROVIDER_ERROR``): stored under the Idempotency-Key and replayed for it, like a
+  ``TossPayments-Test-Code`` error, but without the client asking for it.
+
+Webhook faults (endpoint ``webhook``), on the delivery of an event:
+
+* ``duplicate``: after a delivery answered 200, the same event (same transmission id, retried
+  count + 1) is delivered once more, as Toss does when the answer did not reach it in time.
+* ``delay``: the delivery attempt is counted as failed without reaching the receiver, so Toss's
+  retry schedule (1, 4, 16, … minutes of the sandbox clock) delivers it later, after events
+  emitted meanwhile: deliveries arrive out of order.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ ENDPOINTS = frozenset(
         "get_payment_by_order",
         "list_transactions",
         "delete_billing_key",
+        "webhook",
         "*",
     }
 )
@@ -55,6 +67,13 @@ class FaultKind(StrEnum):
     HOLD = "hold"
     LATENCY_AFTER_COMMIT = "latency_after_commit"
     DROP_AFTER_COMMIT = "drop_after_commit"
+    PROCESSED_ERROR = "processed_error"
+    DUPLICATE = "duplicate"
+    DELAY = "delay"
+
+
+# Kinds that act on webhook deliveries; every other kind acts on API requests.
+WEBHOOK_KINDS = frozenset({FaultKind.DUPLICATE, FaultKind.DELAY})
 
 
 @dataclass(slots=True)
@@ -113,6 +132,8 @@ class FaultInjector:
             kind = FaultKind(str(spec.get("kind")))
         except ValueError:
             raise ApiError("INVALID_REQUEST", "unknown fault kind") from None
+        if (kind in WEBHOOK_KINDS) != (endpoint == "webhook"):
+            raise ApiError("INVALID_REQUEST", "duplicate and delay are the webhook's kinds only")
         count = _number(spec, "count", None)
         rate = _number(spec, "rate", None)
         if rate is not None and rate > 1:

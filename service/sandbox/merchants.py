@@ -23,6 +23,7 @@ from typing import Literal
 import httpx
 
 from service.sandbox.clock import Clock
+from service.sandbox.faults import FaultInjector
 from service.sandbox.idempotency import IdempotencyStore, secret_digest
 from service.sandbox.store import Store
 from service.sandbox.webhooks import WebhookDispatcher
@@ -181,9 +182,10 @@ class Merchant:
         record_failed_charges: bool,
         cancel_webhooks: CancelWebhooks,
         rate_limit: int | None,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.keys = keys
-        self.webhooks = WebhookDispatcher(clock, webhook_url, webhook_transport)
+        self.webhooks = WebhookDispatcher(clock, webhook_url, webhook_transport, faults)
         self.store = Store(
             clock,
             self.webhooks.emit,

@@ -18,6 +18,7 @@ import httpx
 
 from service.sandbox.clock import Clock, toss_time, webhook_time
 from service.sandbox.errors import json_bytes
+from service.sandbox.faults import FaultInjector, FaultKind
 from service.sandbox.store import Json, new_id
 
 RETRY_MINUTES = (1, 4, 16, 64, 256, 1024, 4096)
@@ -54,9 +55,9 @@ class Delivery:
     def state(self) -> str:
         if self.url is None:
             return "no_url"
-        if self.attempts and self.attempts[-1].status == 200:
-            return "delivered"
-        return "pending" if self.next_at is not None else "failed"
+        if self.next_at is not None:
+            return "pending"
+        return "delivered" if self.attempts and self.attempts[-1].status == 200 else "failed"
 
     def as_json(self) -> Json:
         return {
@@ -76,8 +77,10 @@ class WebhookDispatcher:
         clock: Clock,
         url: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        faults: FaultInjector | None = None,
     ) -> None:
         self._clock = clock
+        self._faults = faults
         self.url = url
         self._transport = transport
         self._deliveries: list[Delivery] = []
@@ -156,6 +159,11 @@ class WebhookDispatcher:
         }
         status: int | None = None
         error: str | None = None
+        if retried == 0 and self._fire(FaultKind.DELAY):
+            # As if the receiver's answer never came: Toss's retry schedule takes over.
+            delivery.attempts.append(Attempt(now, retried, None, "delayed by a fault"))
+            delivery.next_at = now + timedelta(minutes=RETRY_MINUTES[0])
+            return
         try:
             response = await self._http.post(
                 delivery.url,
@@ -168,8 +176,12 @@ class WebhookDispatcher:
             error = type(exc).__name__
         delivery.attempts.append(Attempt(now, retried, status, error))
         if status == 200:
-            delivery.next_at = None
+            # A duplicate fault: Toss did not see this 200 in time and delivers the event again.
+            delivery.next_at = now if self._fire(FaultKind.DUPLICATE) else None
         elif retried < len(RETRY_MINUTES):
             delivery.next_at = now + timedelta(minutes=RETRY_MINUTES[retried])
         else:
             delivery.next_at = None
+
+    def _fire(self, kind: FaultKind) -> bool:
+        return self._faults is not None and self._faults.fire("webhook", kind) is not None

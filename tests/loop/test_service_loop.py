@@ -17,7 +17,7 @@ from liveserver import LiveServer, wait_until
 from loopkit import APP_URL, SECRET_KEY, Receiver, Stack
 
 from service.app import build_app
-from service.runtime.cluster import Runtime
+from service.runtime.cluster import ADMIN_USER, Runtime
 
 
 def _sub_status(stack: Stack, sub: str) -> str | None:
@@ -372,3 +372,27 @@ def test_notifications_reach_the_app_signed_per_standard_webhooks(
     assert activated["data"]["userId"] == "u1"
     assert activated["data"]["amount"] == 9900
     assert len({n["id"] for n in receiver.received}) == len(receiver.received)
+
+
+def test_a_registration_after_the_database_dropped_every_pooled_connection(
+    stack: Stack, rt: Runtime, dbname: str
+) -> None:
+    # What a database restart does to the service: every connection it pooled is gone. The
+    # success redirect issues the billing key at Toss (spending the one-time authKey) before it
+    # records it, so a stale connection there would lose the card and leave its key at Toss.
+    assert stack.register("u-before").status_code == 303
+    stack.wait(lambda: _sub_status(stack, "u-before") == "active", "the first charge")
+    ours = [c.info.backend_pid for c in (stack.bl.owner, stack.bl.svc, stack.bl.user_conn)]
+    with psycopg.connect(rt.dsn(dbname, ADMIN_USER), autocommit=True) as admin:
+        dropped = admin.execute(
+            "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity"
+            " where datname = current_database() and backend_type = 'client backend'"
+            "   and pid <> pg_backend_pid() and pid <> all(%s)",
+            (ours,),
+        ).fetchone()
+    assert dropped is not None
+    assert dropped[0] >= 1
+    back = stack.register("u-after")
+    assert back.status_code == 303, back.text
+    assert parse_qs(urlsplit(back.headers["location"]).query)["status"] == ["registered"]
+    stack.wait(lambda: _sub_status(stack, "u-after") == "active", "the first charge")

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
-from sandbox_harness import CUSTOMER_KEY, LiveServer, charge, new_billing_key, wait_until
+from sandbox_harness import (
+    CUSTOMER_KEY,
+    LiveServer,
+    WebhookSink,
+    charge,
+    new_billing_key,
+    wait_until,
+)
 
 
 def _fault(control: httpx.Client, **spec: object) -> dict[str, object]:
@@ -138,3 +147,80 @@ def test_clearing_faults(api: httpx.Client, control: httpx.Client) -> None:
     assert api.get("/v1/payments/x").status_code == 500
     assert control.delete("/_sandbox/faults").status_code == 200
     assert api.get("/v1/payments/x").status_code == 404
+
+
+def test_processed_error_fault_is_replayed_under_its_idempotency_key(
+    api: httpx.Client, control: httpx.Client
+) -> None:
+    billing_key = new_billing_key(api, control)
+    _fault(
+        control, endpoint="charge", kind="processed_error", count=1, status=400,
+        code="PROVIDER_ERROR",
+    )  # fmt: skip
+    headers = {"Idempotency-Key": "k-processed"}
+    failed = charge(api, billing_key, "order-f-processed", headers=headers)
+    replayed = charge(api, billing_key, "order-f-processed", headers=headers)
+    fresh = charge(api, billing_key, "order-f-processed-2", headers={"Idempotency-Key": "k-new"})
+    assert (failed.status_code, failed.json()["code"]) == (400, "PROVIDER_ERROR")
+    assert (replayed.status_code, replayed.json()) == (400, failed.json())
+    assert fresh.status_code == 200
+    assert [e["orderId"] for e in _entries(control)] == ["order-f-processed-2"]
+
+
+def test_webhook_kinds_belong_to_the_webhook_endpoint(control: httpx.Client) -> None:
+    for spec in (
+        {"endpoint": "charge", "kind": "duplicate"},
+        {"endpoint": "webhook", "kind": "error"},
+        {"endpoint": "*", "kind": "delay"},
+    ):
+        refused = control.post("/_sandbox/faults", json=spec)
+        assert refused.status_code == 400, spec
+        assert refused.json()["code"] == "INVALID_REQUEST"
+
+
+def _deleted_key_events(api: httpx.Client, control: httpx.Client, n: int) -> list[str]:
+    """Deletes ``n`` billing keys (each sends BILLING_DELETED); returns them in that order."""
+    keys = [new_billing_key(api, control, f"{CUSTOMER_KEY}-{i}") for i in range(n)]
+    for key in keys:
+        assert api.delete(f"/v1/billing/{key}").status_code == 200
+    return keys
+
+
+def _delivered_keys(sink: WebhookSink) -> list[str]:
+    return [json.loads(r.content)["data"]["billingKey"] for r in sink.received]
+
+
+def test_duplicate_webhook_fault_delivers_an_event_twice(
+    api: httpx.Client, control: httpx.Client, webhook_sink: WebhookSink
+) -> None:
+    control.put("/_sandbox/webhook", json={"url": "http://merchant.test/webhooks/toss"})
+    _fault(control, endpoint="webhook", kind="duplicate", count=1)
+    (key,) = _deleted_key_events(api, control, 1)
+    wait_until(lambda: len(webhook_sink.received) >= 2, "the event and its duplicate")
+    first, again = webhook_sink.received
+    assert _delivered_keys(webhook_sink) == [key, key]
+    assert (
+        first.headers["tosspayments-webhook-transmission-id"]
+        == (again.headers["tosspayments-webhook-transmission-id"])
+    )
+    retried = [r.headers["tosspayments-webhook-transmission-retried-count"] for r in (first, again)]
+    assert retried == ["0", "1"]
+    (delivery,) = control.get("/_sandbox/webhooks").json()["deliveries"]
+    assert delivery["state"] == "delivered"
+
+
+def test_delay_webhook_fault_delivers_after_later_events(
+    api: httpx.Client, control: httpx.Client, webhook_sink: WebhookSink
+) -> None:
+    control.put("/_sandbox/webhook", json={"url": "http://merchant.test/webhooks/toss"})
+    _fault(control, endpoint="webhook", kind="delay", count=1)
+    first, second = _deleted_key_events(api, control, 2)
+    wait_until(lambda: len(webhook_sink.received) >= 1, "the second event")
+    assert _delivered_keys(webhook_sink) == [second]
+    pending = [d for d in control.get("/_sandbox/webhooks").json()["deliveries"]
+               if d["state"] == "pending"]  # fmt: skip
+    assert [d["attempts"][0]["error"] for d in pending] == ["delayed by a fault"]
+    # Toss's first retry comes a minute later on the sandbox clock.
+    control.post("/_sandbox/clock/advance", json={"minutes": 1})
+    wait_until(lambda: len(webhook_sink.received) >= 2, "the delayed event")
+    assert _delivered_keys(webhook_sink) == [second, first]
