@@ -966,6 +966,20 @@ def consistency_violations() -> Call[dict[str, int]]:
     )
 
 
+def run_totals() -> Call[dict[str, int]]:
+    """Owner: how much a run left behind: customers, attempts, refunds Toss made, webhooks."""
+    return Call(
+        "run_totals",
+        "select (select count(*) from billing.customers)::integer as customers,"
+        " (select count(*) from billing.charge_attempts)::integer as attempts,"
+        " (select count(*) from billing.refunds where status = 'succeeded')::integer"
+        " as refunds_succeeded,"
+        " (select count(*) from billing.webhook_events)::integer as webhooks_received",
+        {},
+        lambda rows: {k: int(v) for k, v in _one(rows).items()},
+    )
+
+
 # ------------------------------------------------------------------------------- connections
 
 
