@@ -162,6 +162,10 @@ class Chaos(Demo):
             lost = db.run_sync(w.owner, db.lose_queued_doorbells())
         if summary.get("skipped"):
             self.ring(w)
+        if lost == 0:
+            # The tick had nothing to ring for (it rings only for claimable work): lose the
+            # next day's ring instead, so the run loses as many doorbells as it was asked to.
+            self.schedule.setdefault(self.day + 1, []).append(Event.LOSE_DOORBELL)
         self.done[Event.LOSE_DOORBELL] = self.done.get(Event.LOSE_DOORBELL, 0) + lost
 
     def _when_in_flight(self, w: Wires, limit_s: float = 5.0) -> None:
@@ -345,7 +349,7 @@ class Chaos(Demo):
                 "from": (built.clock.started_on or built.clock.as_of.date()).isoformat(),
                 "to": built.clock.as_of.isoformat(),
                 "customers": totals["customers"],
-                "statuses": built.statuses,
+                "statuses": {s.status: s.subscriptions for s in built.statuses},
             },
             "charges": charges,
             "faults_injected": faults,

@@ -51,6 +51,15 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _service_errors(base: Path) -> str:
+    """The service's error lines, for a failed run's message (the directory goes with it)."""
+    log = base / "stack" / "service.log"
+    if not log.exists():
+        return ""
+    lines = log.read_text(errors="replace").splitlines()
+    return "\nservice errors:\n" + "\n".join(x for x in lines if '"ERROR"' in x)[-6000:]
+
+
 @pytest.fixture(scope="module")
 def chaos_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosRun]:
     # Under /var/tmp: the OS user postgres must reach the cluster's directory.
@@ -81,7 +90,7 @@ def chaos_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosRun]:
             "--postgres-restarts", "2", "--doorbells-lost", "3", "--fault-scale", "3",
             "--out", str(out),
         )  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.returncode == 0, done.stdout + done.stderr + _service_errors(base)
         results = json.loads((out / "chaos.json").read_text())
         assert (out / "chaos.txt").read_text() in done.stdout
         yield ChaosRun(runtime, f"http://127.0.0.1:{sandbox_port}", results, done.stdout)

@@ -75,6 +75,7 @@ class Function:
     arg_types: tuple[str, ...]
     returns_trigger: bool
     arg_names: tuple[str, ...] = ()
+    is_procedure: bool = False
 
     def granted(self, role: str) -> bool:
         rule = FUNCTION_RULES.get(self.schema)
@@ -85,10 +86,11 @@ class Function:
 
         A sub-select, not a bare null: the planner folds a strict function of constant nulls
         to null without ever checking the privilege to execute it."""
-        args = sql.SQL(", ").join(
-            sql.SQL("(select null::{})").format(sql.SQL(t)) for t in self.arg_types
-        )
-        return sql.SQL("select {}({})").format(sql.Identifier(self.schema, self.name), args)
+        # A procedure is called, not selected, and CALL takes no sub-select (nor folds anything).
+        null = "null::{}" if self.is_procedure else "(select null::{})"
+        args = sql.SQL(", ").join(sql.SQL(null).format(sql.SQL(t)) for t in self.arg_types)
+        verb = sql.SQL("call" if self.is_procedure else "select")
+        return sql.SQL("{} {}({})").format(verb, sql.Identifier(self.schema, self.name), args)
 
 
 _USER_SCHEMAS = """
@@ -115,7 +117,8 @@ _FUNCTIONS = """
            array(select coalesce(nullif(a, ''), 'arg' || i)
                    from unnest(coalesce(p.proargnames[1:p.pronargs],
                                         array_fill(''::text, array[p.pronargs])))
-                        with ordinality u(a, i))
+                        with ordinality u(a, i)),
+           p.prokind = 'p'
       from pg_proc p join pg_namespace n on n.oid = p.pronamespace
      where n.nspname = any(%s) and p.prokind in ('f', 'p')
      order by 1
@@ -133,8 +136,8 @@ class Catalog:
         names = schemas or [r[0] for r in conn.execute(_USER_SCHEMAS).fetchall()]
         relations = tuple(Relation(*row) for row in conn.execute(_RELATIONS, (names,)).fetchall())
         functions = tuple(
-            Function(oid, schema, name, signature, tuple(args), trig, tuple(arg_names))
-            for oid, schema, name, signature, args, trig, arg_names in conn.execute(
+            Function(oid, schema, name, signature, tuple(args), trig, tuple(arg_names), proc)
+            for oid, schema, name, signature, args, trig, arg_names, proc in conn.execute(
                 _FUNCTIONS, (names,)
             ).fetchall()
         )
