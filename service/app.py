@@ -26,8 +26,9 @@ from typing import Any, TypedDict
 from urllib.parse import urlencode
 
 import httpx
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -82,6 +83,16 @@ def _page(name: str, status: int = 200, **values: str) -> HTMLResponse:
     text = (_PAGES / name).read_text(encoding="utf-8")
     escaped = {k: html.escape(v) for k, v in values.items()}
     return HTMLResponse(Template(text).substitute(escaped), status_code=status)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    """The database is away (a restart, a failover): nothing was recorded, and every handler
+    asks the database before it spends anything at Toss or repeats Toss's call under the same
+    Idempotency-Key, so the same request later is safe. 503 says so, instead of a 500."""
+    _log.warning("database unavailable: %s", type(exc).__name__)
+    page = _page("error.html", 503, title="Temporarily unavailable", detail="DATABASE_UNAVAILABLE")
+    page.headers["Retry-After"] = "5"
+    return page
 
 
 # ----------------------------------------------------------------------------------- doorbell
@@ -479,4 +490,12 @@ def build_app(settings: Settings | None = None, *, run_worker: bool = True) -> S
             await http.aclose()
             await pool.close()
 
-    return Starlette(routes=routes, middleware=[Middleware(AccessLog)], lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(AccessLog)],
+        exception_handlers={
+            PoolTimeout: _database_unavailable,
+            psycopg.OperationalError: _database_unavailable,
+        },
+        lifespan=lifespan,
+    )

@@ -243,6 +243,12 @@ def register_card_http(web: httpx.Client, ep: Endpoints, customer_key: str, card
         raise DemoError(f"the card form answered {submitted.status_code}")
     # The location carries the one-time authKey: followed, never printed.
     back = web.get(submitted.headers["location"])
+    for _ in range(12):
+        if back.status_code != 503:
+            break
+        # The service's database is away for a moment: a person reloads the page.
+        time.sleep(float(back.headers.get("Retry-After", "5")))
+        back = web.get(submitted.headers["location"])
     if back.status_code != 303 or "status=registered" not in back.headers.get("location", ""):
         raise DemoError(f"the success redirect answered {back.status_code}: {back.text[:200]}")
 
