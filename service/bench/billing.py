@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from service import db
 from service.bench import harness, loader, seed_design
 from service.bench.harness import SECRET_KEY, Bench, Conn
 
@@ -129,10 +130,8 @@ def _wait_idle(conn: Conn, timeout: float) -> None:
     """Until no queue has work ready or leased (the service has drained everything)."""
     deadline = time.monotonic() + timeout
     while True:
-        busy = _scalar(
-            conn,
-            "select coalesce(sum(ready + leased), 0) from billing.service_queue_depths()",
-        )
+        depths = db.run_sync(conn, db.service_queue_depths())
+        busy = sum(q["ready"] + q["leased"] for q in depths.values())
         if busy == 0:
             return
         if time.monotonic() > deadline:
