@@ -451,22 +451,8 @@ def build_app(settings: Settings | None = None, *, run_worker: bool = True) -> S
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         s = settings or load()
-        role = s.db_role
 
-        async def configure(conn: Any) -> None:
-            await db.configure_session(conn, role)
-
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            s.database_url.get_secret_value(),
-            min_size=1,
-            max_size=s.db_pool_size,
-            kwargs={"autocommit": True},
-            configure=configure,
-            # A connection the database dropped (a restart, a failover) is replaced before it is
-            # handed out, not discovered halfway through a registration or a result.
-            check=AsyncConnectionPool.check_connection,
-            open=False,
-        )
+        pool = db.service_pool(s.database_url.get_secret_value(), s.db_role, s.db_pool_size)
         await pool.open(wait=True, timeout=30)
         # A kept-alive connection per concurrent call (httpx keeps 20 by default; above that
         # each call would open and close one of its own).

@@ -24,6 +24,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 
 from service.crypto import SealedKey
 
@@ -996,6 +997,36 @@ def set_role(role: str) -> Call[None]:
 async def configure_session(conn: psycopg.AsyncConnection[Any], role: str) -> None:
     """Every pooled connection acts as the service's role."""
     await run(conn, set_role(role))
+
+
+def service_pool(conninfo: str, role: str, max_size: int) -> AsyncConnectionPool[Any]:
+    """The service's connections (opened by the caller): each acts as ``role``, and a connection
+    the database dropped is replaced before it is handed out, not found halfway through a
+    registration or a result."""
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await configure_session(conn, role)
+
+    async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except Exception:
+            # A restart or failover drops every pooled connection at once. Left to itself the pool
+            # finds them one by one, backing off 1, 2, 4, 8, 16 s between them, and a caller gives
+            # up before it reaches a live one; one sweep replaces them all together.
+            await pool.check()
+            raise
+
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        conninfo,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"autocommit": True},
+        configure=configure,
+        check=check,
+        open=False,
+    )
+    return pool
 
 
 async def ping(conn: psycopg.AsyncConnection[Any]) -> bool:

@@ -3,6 +3,7 @@ doorbell → service → Toss sandbox → SQL, dunning, refunds, webhooks, key d
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import threading
@@ -12,10 +13,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import psycopg
 import pytest
-from dbkit import kst
+from dbkit import Billing, kst
 from liveserver import LiveServer, wait_until
 from loopkit import APP_URL, SECRET_KEY, Receiver, Stack
 
+from service import db
 from service.app import build_app
 from service.runtime.cluster import ADMIN_USER, Runtime
 
@@ -396,3 +398,28 @@ def test_a_registration_after_the_database_dropped_every_pooled_connection(
     assert back.status_code == 303, back.text
     assert parse_qs(urlsplit(back.headers["location"]).query)["status"] == ["registered"]
     stack.wait(lambda: _sub_status(stack, "u-after") == "active", "the first charge")
+
+
+def test_the_pool_hands_out_a_live_connection_soon_after_losing_all_of_them(
+    bl: Billing, rt: Runtime, dbname: str
+) -> None:
+    # Eight pooled connections dropped together: without the sweep the pool walks them one at a
+    # time with 0 + 1 + 2 + 4 s of backoff and this 5 s wait gives up.
+    size = 8
+
+    async def scenario() -> bool:
+        pool = db.service_pool(rt.dsn(dbname, "postgres"), "billing_service", size)
+        await pool.open(wait=True, timeout=30)
+        try:
+            held = [await pool.getconn() for _ in range(size)]
+            pids = [c.info.backend_pid for c in held]
+            for c in held:
+                await pool.putconn(c)
+            with psycopg.connect(rt.dsn(dbname, ADMIN_USER), autocommit=True) as admin:
+                admin.execute("select pg_terminate_backend(p) from unnest(%s::int[]) p", (pids,))
+            async with pool.connection(timeout=5) as conn:
+                return await db.ping(conn)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario())
