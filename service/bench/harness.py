@@ -40,6 +40,8 @@ CLIENT_KEY, SECRET_KEY = DOCS_TEST_MERCHANT.split(":")[:2]
 SANDBOX_PORT = int(os.environ.get("SAJU_SANDBOX_PORT", "8100"))
 SERVICE_PORT = int(os.environ.get("SAJU_SERVICE_PORT", "8000"))
 _TICKS = os.sysconf("SC_CLK_TCK")
+# The Supabase compute size a million-subscriber project would run (see COMPUTE_SIZES).
+BENCH_COMPUTE = "large"
 _SETTINGS = (
     "fsync",
     "synchronous_commit",
@@ -347,31 +349,36 @@ def bench_database(
     sandbox's and the service's (default ``$SAJU_SANDBOX_PORT``, ``$SAJU_SERVICE_PORT``)."""
     import secrets
 
-    rt = replace(Runtime.from_env(), durable=durable)
+    with bench_runtime(durable) as rt, contextlib.ExitStack() as stack:
+        supervisor.ensure_networker(rt)
+        if statements:
+            stack.enter_context(statements_preloaded(rt))
+        dbname = testdb.clone(rt, testdb.migrated_template(rt), prefix="bench")
+        bench = Bench(
+            rt,
+            dbname,
+            rt.base_dir / "bench" / dbname,
+            f"bench-1:{Keyring.generate_key()}",
+            secrets.token_urlsafe(24),
+            *(ports or (SANDBOX_PORT, SERVICE_PORT)),
+        )
+        try:
+            yield bench
+        finally:
+            bench.stop()
+            testdb.drop(rt, dbname)
+
+
+@contextlib.contextmanager
+def bench_runtime(durable: bool) -> Iterator[Runtime]:
+    """The cluster in the mode asked for, sized as BENCH_COMPUTE; afterwards back to what the
+    environment says (the tests' fast mode and Postgres' defaults, unless set otherwise)."""
+    rt = replace(Runtime.from_env(), durable=durable, compute=BENCH_COMPUTE)
     rt.start()
-    supervisor.ensure_networker(rt)
     try:
-        with contextlib.ExitStack() as stack:
-            if statements:
-                stack.enter_context(statements_preloaded(rt))
-            dbname = testdb.clone(rt, testdb.migrated_template(rt), prefix="bench")
-            bench = Bench(
-                rt,
-                dbname,
-                rt.base_dir / "bench" / dbname,
-                f"bench-1:{Keyring.generate_key()}",
-                secrets.token_urlsafe(24),
-                *(ports or (SANDBOX_PORT, SERVICE_PORT)),
-            )
-            try:
-                yield bench
-            finally:
-                bench.stop()
-                testdb.drop(rt, dbname)
+        yield rt
     finally:
-        if durable and not Runtime.from_env().durable:
-            # Back to the fast mode the tests use.
-            replace(rt, durable=False).start()
+        Runtime.from_env().start()
 
 
 def admin(bench: Bench) -> Conn:
@@ -400,6 +407,7 @@ def environment(conn: Conn, rt: Runtime) -> dict[str, Any]:
         "versions": versions,
         "postgres": None if row is None else str(row[0]).split(" on ")[0],
         "durable_mode": rt.durable,
+        "compute": rt.compute,
         "postgres_settings": {
             name: (r[0] if (r := conn.execute("select current_setting(%s)", (name,)).fetchone())
                    else None)

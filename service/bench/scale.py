@@ -35,7 +35,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -46,7 +45,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from service import db
-from service.bench import loader
+from service.bench import harness, loader
 from service.runtime import testdb
 from service.runtime.cluster import ADMIN_USER, Runtime
 
@@ -333,6 +332,7 @@ def _environment(conn: Conn, rt: Runtime) -> dict[str, Any]:
         },
         "postgres": _scalar(conn, "select version()"),
         "durable_mode": rt.durable,
+        "compute": rt.compute,
         # Other work shares the machine: the 1, 5 and 15-minute load averages when measured.
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "settings": {
@@ -363,8 +363,15 @@ def _median_ms(values: list[float]) -> float:
 
 def run(subscriptions: int, out_dir: Path, keep: bool = False) -> dict[str, Any]:
     """Runs the benchmark; returns the results (also written to ``out_dir``)."""
-    rt = replace(Runtime.from_env(), durable=True)
-    rt.start()
+    with harness.bench_runtime(durable=True) as rt:
+        results = _run(rt, subscriptions, keep)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "scale.txt").write_text(table(results))
+    return results
+
+
+def _run(rt: Runtime, subscriptions: int, keep: bool) -> dict[str, Any]:
     dbname = testdb.clone(rt, testdb.migrated_template(rt), prefix="bench")
     charges_one = max(100, min(2_000, subscriptions // 50))
     try:
@@ -434,11 +441,6 @@ def run(subscriptions: int, out_dir: Path, keep: bool = False) -> dict[str, Any]
     finally:
         if not keep:
             testdb.drop(rt, dbname)
-        # Back to the fast mode the tests use.
-        replace(rt, durable=False).start()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "scale.txt").write_text(table(results))
     return results
 
 
@@ -465,6 +467,7 @@ def table(results: dict[str, Any]) -> str:
         ("load (s)", f"{detail['load_s']}"),
         ("load average (1, 5, 15 min)", " ".join(str(x) for x in results["load_average"])),
         ("durable mode", str(results["durable_mode"])),
+        ("compute size", str(results.get("compute", "local"))),
         ("postgres", str(results["postgres"]).split(" on ")[0]),
     ]
     rows += [(f"  {call}", f"{ms:.3f}") for call, ms in detail["api_call_ms_median"].items()]

@@ -42,6 +42,26 @@ CRON_DB_DURING_BOOTSTRAP = BASE_DB
 # Off in the fast mode the tests use (a disposable cluster); on in the durable mode, as Supabase
 # runs them (WAL flushed at every commit), for the demo, benchmarks and chaos runs.
 DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes")
+# Supabase sizes Postgres' memory and WAL to the compute add-on. "local" keeps Postgres' defaults
+# (the tests); "large" is the 2-core, 8 GB add-on a million-subscriber project would run, used by
+# the benchmarks. The figures are those Supabase published for its instance sizes (not part of its
+# documented API, so they may have moved since): measured costs are then not understated by a
+# 128 MB buffer cache that no paid project has. max_connections stays the runtime's own.
+COMPUTE_SIZES: dict[str, dict[str, str]] = {
+    "local": {},
+    "large": {
+        "shared_buffers": "2GB",
+        "effective_cache_size": "6GB",
+        "maintenance_work_mem": "512MB",
+        "work_mem": "10MB",
+        "wal_buffers": "16MB",
+        "min_wal_size": "1GB",
+        "max_wal_size": "4GB",
+        "checkpoint_completion_target": "0.9",
+        "random_page_cost": "1.1",
+        "effective_io_concurrency": "200",
+    },
+}
 
 
 def project_root() -> Path:
@@ -118,22 +138,32 @@ class Runtime:
     port: int
     host: str = "127.0.0.1"
     durable: bool = False
+    compute: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.compute not in COMPUTE_SIZES:
+            raise LocalRuntimeError(
+                f"SAJU_DB_COMPUTE must be one of {', '.join(COMPUTE_SIZES)}, not {self.compute!r}"
+            )
 
     @classmethod
     def from_env(cls) -> Runtime:
         root = project_root()
         port = int(os.environ.get("SAJU_DB_PORT", "54322"))
         durable = os.environ.get("SAJU_DB_DURABLE", "") == "1"
+        compute = os.environ.get("SAJU_DB_COMPUTE", "local")
         env_dir = os.environ.get("SAJU_RUNTIME_DIR")
         if env_dir:
-            return cls(root=root, base_dir=Path(env_dir), port=port, durable=durable)
+            return cls(
+                root=root, base_dir=Path(env_dir), port=port, durable=durable, compute=compute
+            )
         base = root / ".local"
         if os.geteuid() == 0 and not _postgres_can_reach(root):
             # A checkout under a private directory (e.g. /root): keep the cluster where the OS
             # user postgres can reach it, one directory per checkout.
             digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
             base = Path("/var/tmp/saju-billing") / digest  # noqa: S108 - root-owned, per checkout
-        return cls(root=root, base_dir=base, port=port, durable=durable)
+        return cls(root=root, base_dir=base, port=port, durable=durable, compute=compute)
 
     # --- paths -----------------------------------------------------------------------------
     @property
@@ -245,6 +275,8 @@ class Runtime:
                     "password_encryption = 'scram-sha-256'",
                     # Fast or durable: see DURABILITY_SETTINGS.
                     "include_if_exists 'saju_durability.conf'",
+                    # Memory and WAL sized like a Supabase compute add-on: see COMPUTE_SIZES.
+                    "include_if_exists 'saju_compute.conf'",
                     "logging_collector = off",
                     # pg_net's GUCs, read by the local net worker.
                     "pg_net.batch_size = 200",
@@ -256,6 +288,7 @@ class Runtime:
         if os.geteuid() == 0:
             shutil.chown(conf, "postgres", "postgres")
         self._write_durability()
+        self._write_compute()
         main_conf = self.data_dir / "postgresql.conf"
         text = main_conf.read_text()
         if "include_if_exists 'saju_runtime.conf'" not in text:
@@ -267,6 +300,18 @@ class Runtime:
         value = "on" if self.durable else "off"
         text = "".join(f"{name} = {value}\n" for name in DURABILITY_SETTINGS)
         if conf.exists() and conf.read_text() == text:
+            return False
+        conf.write_text(text)
+        if os.geteuid() == 0:
+            shutil.chown(conf, "postgres", "postgres")
+        return True
+
+    def _write_compute(self) -> bool:
+        """Writes this runtime's compute size; returns whether it changed."""
+        conf = self.data_dir / "saju_compute.conf"
+        text = "".join(f"{k} = '{v}'\n" for k, v in COMPUTE_SIZES[self.compute].items())
+        # No file is Postgres' defaults, the same as "local".
+        if (conf.read_text() if conf.exists() else "") == text:
             return False
         conf.write_text(text)
         if os.geteuid() == 0:
@@ -394,6 +439,9 @@ class Runtime:
             self._write_conf(cron_database=MAIN_DB)
             self._pg_ctl("start")
         self.wait_ready()
+        if self._write_compute():
+            # shared_buffers takes effect only at a start.
+            self.restart()
         self._apply_durability()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
