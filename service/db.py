@@ -999,7 +999,7 @@ async def configure_session(conn: psycopg.AsyncConnection[Any], role: str) -> No
     await run(conn, set_role(role))
 
 
-def service_pool(conninfo: str, role: str, max_size: int) -> AsyncConnectionPool[Any]:
+def connection_pool(conninfo: str, role: str, max_size: int) -> AsyncConnectionPool[Any]:
     """The service's connections (opened by the caller): each acts as ``role``, and a connection
     the database dropped is replaced before it is handed out, not found halfway through a
     registration or a result."""

@@ -44,7 +44,7 @@ select functions_are('billing', array[
   'refundable_amount', 'create_refund', 'expire_leases',
   -- the service contract: envelope check, fencing, one result shape, in-flight charges, redaction
   'is_key_envelope', 'recorded_of', 'check_lease_token', 'charge_possibly_sent', 'settle_pending_cancel',
-  'attempt_recorded', 'lock_leased_attempt', 'redact_billing_keys', 'webhook_headers',
+  'attempt_recorded', 'lock_leased_attempt', 'redact_billing_keys', 'webhook_headers', 'audit_payment_status', 'audit_created',
   'assert_surface_locked_down',
   -- triggers
   'forbid_change', 'forbid_price_edit', 'audit_status', 'audit_subscription_settings',

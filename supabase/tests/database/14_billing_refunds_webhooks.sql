@@ -1,7 +1,7 @@
 -- Refunds (operator request, service claim and result), the webhook inbox, billing-key deletion
 -- at Toss and the notification outbox, with their SQLSTATEs.
 begin;
-select plan(99);
+select plan(101);
 
 -- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
@@ -243,6 +243,13 @@ select is(billing.redact_billing_keys('{"billingKey": {"value": "bk_x"}, "a": [{
 select ok(billing.redact_billing_keys('"bk"') = '"bk"' and billing.redact_billing_keys('[]') = '[]'
           and billing.redact_billing_keys(null) is null,
   'redact_billing_keys: scalars, empty arrays and null pass through');
+select is(billing.redact_billing_keys('{"note": "say \"billingKey\"", "v": "billingKey", "d": {"billingKey": "bk_1"}}'),
+  pg_catalog.jsonb_build_object('note', 'say "billingKey"', 'v', 'billingKey',
+    'd', pg_catalog.jsonb_build_object('billingKeySha256', pg_catalog.encode(extensions.digest('bk_1', 'sha256'), 'hex'))),
+  'redact_billing_keys: the name inside a string, or as a value, is not a member; a member beside them still is');
+select is(billing.redact_billing_keys('{"data": {"card": {"number": "4330****", "billingKeys": ["x"]}, "cancels": [{"a": 1}]}}'),
+  '{"data": {"card": {"number": "4330****", "billingKeys": ["x"]}, "cancels": [{"a": 1}]}}'::jsonb,
+  'redact_billing_keys: a document without a billingKey member comes back unchanged');
 select is(billing.webhook_headers(
             '{"Authorization": "Basic dGVzdF9za186", "Cookie": "sb=1", "Set-Cookie": "sb=2", "X-Forwarded-For": "10.0.0.1",
               "TossPayments-Webhook-Transmission-Id": "wh_h", "tosspayments-webhook-transmission-time": "2028-01-10T10:00:00+09:00",
