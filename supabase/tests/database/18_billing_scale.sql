@@ -3,7 +3,7 @@
 -- partition for instants without a month of their own, partitions kept ahead of the real clock, and
 -- the archive path (detach a past month, export, drop).
 begin;
-select plan(49);
+select plan(50);
 
 select billing.enable_test_clock() is not null as _ \gset
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
@@ -157,6 +157,15 @@ select is((select pg_catalog.count(*)::int from billing.charge_attempts
 select ok(substr(billing.new_order_id(), 5, 12) >= pg_catalog.lpad(pg_catalog.to_hex(
             floor(date_part('epoch', clock_timestamp() - interval '1 second') * 1000)::bigint), 12, '0'),
   'an order id starts with the time it was made');
+
+select is((select pg_catalog.array_agg(p.proname::text order by p.proname)
+             from pg_proc p join pg_language l on l.oid = p.prolang
+            where p.pronamespace = 'billing'::regnamespace and l.lanname = 'sql' and p.proconfig is not null
+              and p.proname in ('now', 'actor_role', 'jwt_sub', 'period_start', 'add_local', 'backoff', 'order_name',
+                                'payment_cancels', 'cancel_count', 'recorded_of', 'attempt_recorded',
+                                'new_order_id', 'webhook_headers')),
+  null,
+  'the helpers called on every charge, renewal and event are not SQL functions with a SET clause (planned per call)');
 
 select * from finish();
 rollback;
