@@ -140,6 +140,20 @@ def test_cli_restart_and_reset(scratch_runtime: tuple[Runtime, dict[str, str]]) 
     with runtime.connect(MAIN_DB, "postgres") as conn:
         assert conn.execute("select to_regnamespace('billing')::text").fetchone() == ("billing",)
 
+    # Sized like Supabase's Large add-on and back: shared_buffers needs the restart start does.
+    def shared_buffers() -> object:
+        with runtime.connect(MAIN_DB, "postgres") as conn:
+            row = conn.execute("select current_setting('shared_buffers')").fetchone()
+        return None if row is None else row[0]
+
+    assert _cli({**env, "SAJU_DB_COMPUTE": "large"}, "db", "start").returncode == 0
+    assert shared_buffers() == "2GB"
+    assert _cli(env, "db", "start").returncode == 0
+    assert shared_buffers() == "128MB"
+    wrong = _cli({**env, "SAJU_DB_COMPUTE": "huge"}, "db", "start")
+    assert wrong.returncode != 0
+    assert "SAJU_DB_COMPUTE must be one of local, large" in wrong.stderr
+
 
 def test_connecting_needs_the_password(rt: Runtime) -> None:
     bad = rt.dsn(MAIN_DB, "postgres").replace(":postgres@", ":wrong@")
