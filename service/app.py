@@ -452,7 +452,7 @@ def build_app(settings: Settings | None = None, *, run_worker: bool = True) -> S
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         s = settings or load()
 
-        pool = db.service_pool(
+        pool = db.connection_pool(
             s.database_url.get_secret_value(), s.db_role, s.db_pool_size, s.db_pool_timeout_s
         )
         await pool.open(wait=True, timeout=30)

@@ -999,7 +999,7 @@ async def configure_session(conn: psycopg.AsyncConnection[Any], role: str) -> No
     await run(conn, set_role(role))
 
 
-def service_pool(
+def connection_pool(
     conninfo: str, role: str, max_size: int, timeout: float = 30.0
 ) -> AsyncConnectionPool[Any]:
     """The service's connections (opened by the caller): each acts as ``role``, and a connection

@@ -417,7 +417,7 @@ def test_the_pool_hands_out_a_live_connection_soon_after_losing_all_of_them(
     size = 8
 
     async def scenario() -> bool:
-        pool = db.service_pool(rt.dsn(dbname, "postgres"), "billing_service", size)
+        pool = db.connection_pool(rt.dsn(dbname, "postgres"), "billing_service", size)
         await pool.open(wait=True, timeout=30)
         try:
             held = [await pool.getconn() for _ in range(size)]
