@@ -452,7 +452,9 @@ def build_app(settings: Settings | None = None, *, run_worker: bool = True) -> S
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         s = settings or load()
 
-        pool = db.connection_pool(s.database_url.get_secret_value(), s.db_role, s.db_pool_size)
+        pool = db.connection_pool(
+            s.database_url.get_secret_value(), s.db_role, s.db_pool_size, s.db_pool_timeout_s
+        )
         await pool.open(wait=True, timeout=30)
         # A kept-alive connection per concurrent call (httpx keeps 20 by default; above that
         # each call would open and close one of its own).

@@ -999,10 +999,13 @@ async def configure_session(conn: psycopg.AsyncConnection[Any], role: str) -> No
     await run(conn, set_role(role))
 
 
-def connection_pool(conninfo: str, role: str, max_size: int) -> AsyncConnectionPool[Any]:
+def connection_pool(
+    conninfo: str, role: str, max_size: int, timeout: float = 30.0
+) -> AsyncConnectionPool[Any]:
     """The service's connections (opened by the caller): each acts as ``role``, and a connection
     the database dropped is replaced before it is handed out, not found halfway through a
-    registration or a result."""
+    registration or a result. A caller waits up to ``timeout`` seconds for one, then gets
+    PoolTimeout."""
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         await configure_session(conn, role)
@@ -1021,6 +1024,7 @@ def connection_pool(conninfo: str, role: str, max_size: int) -> AsyncConnectionP
         conninfo,
         min_size=1,
         max_size=max_size,
+        timeout=timeout,
         kwargs={"autocommit": True},
         configure=configure,
         check=check,

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     database_url: SecretStr
     db_role: str = "billing_service"
     db_pool_size: int = Field(default=8, ge=1, le=100)
+    # How long a request waits for a connection before it is answered 503 DATABASE_UNAVAILABLE.
+    db_pool_timeout_s: float = Field(default=30.0, gt=0, le=600)
 
     # Toss: the secret key (the only holder), the public client key for the card page.
     toss_secret_key: SecretStr

@@ -27,8 +27,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
-import psycopg
 from rich.console import Console
 
 from service import db
@@ -196,9 +194,7 @@ class Chaos(Demo):
     def _reconnect(self, w: Wires) -> None:
         w.owner.close()
         w.service.close()
-        w.owner = psycopg.connect(self.rt.dsn(), autocommit=True)
-        w.service = psycopg.connect(self.rt.dsn(), autocommit=True)
-        db.run_sync(w.service, db.set_role("billing_service"))
+        w.owner, w.service = self.connect_database()
 
     def minute(self, w: Wires) -> None:
         """pg_cron's next minute: both clocks a minute on (the sandbox delivers the webhooks
@@ -268,37 +264,23 @@ class Chaos(Demo):
         self.settle(w)
 
     def run_chaos(self) -> dict[str, Any]:
-        ep = self.bring_up()
-        began = time.monotonic()
-        with (
-            psycopg.connect(self.rt.dsn(), autocommit=True) as owner,
-            psycopg.connect(self.rt.dsn(), autocommit=True) as service,
-            actors.toss(ep) as toss,
-            httpx.Client(timeout=60) as web,
-            actors.App(self.data_api) as app,
-        ):
-            db.run_sync(service, db.set_role("billing_service"))
-            start = self.start_clock(owner, toss)
+        with self.wires() as w:
+            began = time.monotonic()
+            start = self.start_clock(w.owner, w.toss)
             end = add_months(start, self.o.months)
             cast = plan(self.o.subscribers, (end - start).days, self.o.seed, 0)
             self.plan_events((end - start).days)
-            w = Wires(owner, service, app, toss, web, ep, None)
             self.add_faults(w)
             self.console.print(
                 f"[bold]Chaos:[/] {len(cast)} subscriptions over {self.o.months} months from "
                 f"{start:%Y-%m-%d} (seed {self.o.seed}), faults at the sandbox, and on days "
                 f"{sorted(self.schedule)}: {sum(len(v) for v in self.schedule.values())} failures"
             )
-            try:
-                self._months(w, start, cast)
-                faults = self.faults_fired(w)
-                self.finish(w, start)
-                ledger = actors.ledger(w.toss)
-                results = self._results(w, ledger, faults, time.monotonic() - began)
-            finally:
-                w.owner.close()
-                w.service.close()
-        return results
+            self._months(w, start, cast)
+            faults = self.faults_fired(w)
+            self.finish(w, start)
+            ledger = actors.ledger(w.toss)
+            return self._results(w, ledger, faults, time.monotonic() - began)
 
     def _results(
         self, w: Wires, ledger: list[dict[str, Any]], faults: dict[str, int], seconds: float

@@ -11,8 +11,8 @@ test clock is refused on a database with payments, and the report reads the whol
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -280,17 +280,38 @@ class Demo:
 
     # ------------------------------------------------------------------------------ the run
 
-    def run(self) -> report.Report:
+    def connect_database(self) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
+        """The database connections of the wires: the owner's, and one as billing_service."""
+        owner = psycopg.connect(self.rt.dsn(), autocommit=True)
+        try:
+            service = psycopg.connect(self.rt.dsn(), autocommit=True)
+            db.run_sync(service, db.set_role("billing_service"))
+        except BaseException:
+            owner.close()
+            raise
+        return owner, service
+
+    @contextmanager
+    def wires(self) -> Iterator[Wires]:
+        """The stack up, and the demo's ways into it; on the way out every one is closed,
+        including database connections a restart put in place of the first ones."""
         ep = self.bring_up()
         with (
-            psycopg.connect(self.rt.dsn(), autocommit=True) as owner,
-            psycopg.connect(self.rt.dsn(), autocommit=True) as service,
             actors.toss(ep) as toss,
             httpx.Client(timeout=60) as web,
             actors.App(self.data_api) as app,
+            self._browser() as browser,
         ):
-            db.run_sync(service, db.set_role("billing_service"))
-            start = self.start_clock(owner, toss)
+            w = Wires(*self.connect_database(), app, toss, web, ep, browser)
+            try:
+                yield w
+            finally:
+                w.owner.close()
+                w.service.close()
+
+    def run(self) -> report.Report:
+        with self.wires() as w:
+            start = self.start_clock(w.owner, w.toss)
             end = add_months(start, self.o.months)
             cast = plan(self.o.subscribers, (end - start).days, self.o.seed, self.o.browser)
             self.console.print(
@@ -298,11 +319,9 @@ class Demo:
                 f"{len(cast)} subscribers (seed {self.o.seed}); each day: people act, "
                 "billing.tick() rings the service through pg_net, the service drains."
             )
-            with self._browser() as browser:
-                w = Wires(owner, service, app, toss, web, ep, browser)
-                self._months(w, start, cast)
-                self.settle(w)
-                return report.build(owner, actors.ledger(toss))
+            self._months(w, start, cast)
+            self.settle(w)
+            return report.build(w.owner, actors.ledger(w.toss))
 
     def _browser(self) -> AbstractContextManager[actors.Browser | None]:
         if self.o.browser <= 0:

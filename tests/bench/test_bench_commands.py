@@ -4,7 +4,10 @@ measure were correct (every renewal charged once, every webhook stored once). Ne
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from liveserver import free_port
@@ -14,10 +17,21 @@ from service.runtime.cluster import Runtime
 
 pytestmark = pytest.mark.slow
 
+Results = dict[str, Any]
 
-def test_bench_billing_charges_every_renewal_once_beside_the_seed_design(
-    rt: Runtime, tmp_path: Path
-) -> None:
+
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark command at a tiny size, and what its result files must show."""
+
+    name: str  # the result files' stem
+    run: Callable[[Path], Results]  # runs it, writing to the given directory
+    headline: str  # a figure the text summary names
+    positive: tuple[str, ...]  # figures a run that did anything has above 0
+    check: Callable[[Results], None]  # what this command's run must have done
+
+
+def _run_billing(out: Path) -> Results:
     options = billing.Options(
         subscriptions=40,
         seed_subscriptions=6,
@@ -27,11 +41,10 @@ def test_bench_billing_charges_every_renewal_once_beside_the_seed_design(
         statements=False,  # loading it restarts the cluster, which the other tests share
         ports=(free_port(), free_port()),
     )
-    results = billing.run(options, tmp_path)
+    return billing.run(options, out)
 
-    written = json.loads((tmp_path / "billing.json").read_text())
-    assert written["figures"] == results["figures"]
-    assert "charges_per_s" in (tmp_path / "billing.txt").read_text()
+
+def _billing_checks(written: Results) -> None:
     checks = written["checks"]
     assert checks["renewals_paid"] == 40
     assert checks["periods_paid_twice"] == 0
@@ -44,22 +57,16 @@ def test_bench_billing_charges_every_renewal_once_beside_the_seed_design(
     assert figures["http_429"] == 0
     assert written["detail"]["renewal_run"]["succeeded"] == 40
     assert written["detail"]["seed_design"]["charged"] == 6
-    for name in ("charges_per_s", "ratio_to_limit", "cpu_ms_per_charge", "service_rss_mb",
-                 "seed_charges_per_s", "seed_design_ratio"):  # fmt: skip
-        assert figures[name] > 0, name
     assert figures["limit_per_s"] == min(8 / 0.1, 6_000 / 60)
     assert figures["db_ms_per_charge"] is None  # pg_stat_statements was not asked for
     assert written["settings"]["sandbox_rate_limit"] == 6_000
     assert len(written["load_average_before"]) == 3
-    assert len(written["load_average_after"]) == 3
     assert written["machine"]["cpus"] >= 1
     assert "psycopg" in written["versions"]
     assert isinstance(written["notes"], list)
 
 
-def test_bench_webhooks_stores_every_distinct_event_exactly_once(
-    rt: Runtime, tmp_path: Path
-) -> None:
+def _run_webhooks(out: Path) -> Results:
     options = webhooks.Options(
         events=200,
         duplicates=0.1,
@@ -68,13 +75,11 @@ def test_bench_webhooks_stores_every_distinct_event_exactly_once(
         statements=False,  # loading it restarts the cluster, which the other tests share
         ports=(free_port(), free_port()),
     )
-    results = webhooks.run(options, tmp_path)
+    return webhooks.run(options, out)
 
-    written = json.loads((tmp_path / "webhooks.json").read_text())
-    assert written["figures"] == results["figures"]
-    assert "events_per_s" in (tmp_path / "webhooks.txt").read_text()
-    checks = written["checks"]
-    assert checks == {
+
+def _webhooks_checks(written: Results) -> None:
+    assert written["checks"] == {
         "distinct_events": 200,
         "requests": 220,
         "duplicates_sent": 20,
@@ -87,10 +92,47 @@ def test_bench_webhooks_stores_every_distinct_event_exactly_once(
     }
     assert written["detail"]["statuses"] == {"200": 220}
     figures = written["figures"]
-    for name in ("events_per_s", "p50_ms", "p99_ms", "max_ms", "service_rss_mb"):
-        assert figures[name] > 0, name
     assert figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+
+
+BENCHES = (
+    Bench(
+        "billing",
+        _run_billing,
+        "charges_per_s",
+        (
+            "charges_per_s",
+            "ratio_to_limit",
+            "cpu_ms_per_charge",
+            "service_rss_mb",
+            "seed_charges_per_s",
+            "seed_design_ratio",
+        ),
+        _billing_checks,
+    ),
+    Bench(
+        "webhooks",
+        _run_webhooks,
+        "events_per_s",
+        ("events_per_s", "p50_ms", "p99_ms", "max_ms", "service_rss_mb"),
+        _webhooks_checks,
+    ),
+)
+
+
+@pytest.mark.parametrize("bench", BENCHES, ids=[b.name for b in BENCHES])
+def test_a_bench_command_writes_every_figure_of_a_correct_run(
+    rt: Runtime, tmp_path: Path, bench: Bench
+) -> None:
+    results = bench.run(tmp_path)
+
+    written = json.loads((tmp_path / f"{bench.name}.json").read_text())
+    assert written["figures"] == results["figures"]
+    assert bench.headline in (tmp_path / f"{bench.name}.txt").read_text()
+    for name in bench.positive:
+        assert written["figures"][name] > 0, name
     assert len(written["load_average_after"]) == 3
+    bench.check(written)
 
 
 def test_duplicates_are_resent_events_in_shuffled_order() -> None:

@@ -6,12 +6,7 @@ reports are found in the logs they leave."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import shutil
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,36 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from liveserver import free_port
-from psycopg.rows import dict_row
+from runtimekit import OwnRuntime, own_runtime
 
 from service.bench.chaos import FAULTS
-from service.runtime.cluster import Runtime
-from service.sandbox.merchants import DOCS_TEST_MERCHANT
 
-Row = dict[str, Any]
 SUBSCRIPTIONS, MONTHS = 200, 3
 
 
 @dataclass(frozen=True)
 class ChaosRun:
-    runtime: Runtime
-    sandbox_url: str
+    own: OwnRuntime
     results: dict[str, Any]
     stdout: str
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        check=False,
-    )
 
 
 def _service_errors(base: Path) -> str:
@@ -62,56 +40,19 @@ def _service_errors(base: Path) -> str:
 
 @pytest.fixture(scope="module")
 def chaos_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosRun]:
-    # Under /var/tmp: the OS user postgres must reach the cluster's directory.
-    base = Path("/var/tmp") / f"saju-chaos-test-{os.getpid()}"
-    db_port, sandbox_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "SAJU_RUNTIME_DIR": str(base),
-        "SAJU_DB_PORT": str(db_port),
-        "SAJU_API_PORT": str(free_port()),
-        "SAJU_REST_PORT": str(free_port()),
-        "SAJU_SANDBOX_PORT": str(sandbox_port),
-        "SAJU_SERVICE_PORT": str(free_port()),
-    }
     out = tmp_path_factory.mktemp("chaos")
-    runtime = Runtime(root=Runtime.from_env().root, base_dir=base, port=db_port, durable=True)
-    try:
-        # A first bootstrap can lose a race with pg_cron's launcher over the base template;
-        # starting again rebuilds it.
-        for _ in range(3):
-            started = _cli(env, "db", "start")
-            if started.returncode == 0:
-                break
-        assert started.returncode == 0, started.stdout + started.stderr
-        done = _cli(
-            env, "chaos", "--subscriptions", str(SUBSCRIPTIONS), "--months", str(MONTHS),
+    with own_runtime("chaos-test") as own:
+        done = own.cli(
+            "chaos", "--subscriptions", str(SUBSCRIPTIONS), "--months", str(MONTHS),
             "--seed", "5", "--service-kills", "2", "--net-worker-kills", "1",
             "--postgres-restarts", "2", "--doorbells-lost", "3", "--fault-scale", "3",
             "--out", str(out),
         )  # fmt: skip
+        base = own.runtime.base_dir
         assert done.returncode == 0, done.stdout + done.stderr + _service_errors(base)
         results = json.loads((out / "chaos.json").read_text())
         assert (out / "chaos.txt").read_text() in done.stdout
-        yield ChaosRun(runtime, f"http://127.0.0.1:{sandbox_port}", results, done.stdout)
-    finally:
-        _cli(env, "stack", "down")
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _rows(run: ChaosRun, query: str) -> list[Row]:
-    with psycopg.connect(run.runtime.dsn(), row_factory=dict_row) as conn:
-        return conn.execute(query.encode()).fetchall()
-
-
-def _ledger(run: ChaosRun) -> list[Row]:
-    secret = DOCS_TEST_MERCHANT.split(":")[1]
-    token = base64.b64encode(f"{secret}:".encode()).decode()
-    reply = httpx.get(
-        f"{run.sandbox_url}/_sandbox/ledger", headers={"Authorization": f"Basic {token}"}
-    )
-    entries: list[Row] = reply.json()["entries"]
-    return entries
+        yield ChaosRun(own, results, done.stdout)
 
 
 @pytest.mark.slow
@@ -137,11 +78,11 @@ def test_every_failure_happened_and_nothing_broke(chaos_run: ChaosRun) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_ledgers_agree_independently(chaos_run: ChaosRun) -> None:
-    ledger = _ledger(chaos_run)
-    attempts = _rows(
-        chaos_run, "select order_id, period_id, status::text from billing.charge_attempts"
+    ledger = chaos_run.own.ledger()
+    attempts = chaos_run.own.rows(
+        "select order_id, period_id, status::text from billing.charge_attempts"
     )
-    payments = _rows(chaos_run, "select payment_key, balance_amount from billing.payments")
+    payments = chaos_run.own.rows("select payment_key, balance_amount from billing.payments")
     period_of_order = {a["order_id"]: a["period_id"] for a in attempts}
     approvals = [e for e in ledger if e["kind"] == "approval"]
     assert len(approvals) == chaos_run.results["charges"]["approved_at_toss"] > SUBSCRIPTIONS
@@ -153,8 +94,7 @@ def test_the_ledgers_agree_independently(chaos_run: ChaosRun) -> None:
     at_toss = sum(e["amount"] if e["kind"] == "approval" else -e["amount"] for e in ledger)
     assert at_toss == sum(p["balance_amount"] for p in payments)
     # Every paid period carries its credits; every fully refunded payment's are gone.
-    paid = _rows(
-        chaos_run,
+    paid = chaos_run.own.rows(
         "select bp.id, g.amount, g.status::text as grant_status, p.balance_amount"
         "  from billing.billing_periods bp"
         "  join billing.payments p on p.id = bp.payment_id"
@@ -168,7 +108,7 @@ def test_the_ledgers_agree_independently(chaos_run: ChaosRun) -> None:
 
 @pytest.mark.slow
 def test_the_failures_left_their_traces(chaos_run: ChaosRun) -> None:
-    log = (chaos_run.runtime.log_dir / "postgres.log").read_text(errors="replace")
+    log = (chaos_run.own.runtime.log_dir / "postgres.log").read_text(errors="replace")
     # One crash recovery (the immediate stop) and two starts after the first one.
     assert (
         log.count("database system was interrupted")
@@ -177,9 +117,9 @@ def test_the_failures_left_their_traces(chaos_run: ChaosRun) -> None:
     )
     assert log.count("database system is ready to accept connections") >= 3
     # The webhooks the sandbox duplicated reached the service twice and were stored once.
-    deliveries = httpx.get(f"{chaos_run.sandbox_url}/_sandbox/webhooks").json()["deliveries"]
+    deliveries = httpx.get(f"{chaos_run.own.sandbox_url}/_sandbox/webhooks").json()["deliveries"]
     twice = [d for d in deliveries if sum(a["status"] == 200 for a in d["attempts"]) > 1]
     assert twice
-    stored = _rows(chaos_run, "select transmission_id from billing.webhook_events")
+    stored = chaos_run.own.rows("select transmission_id from billing.webhook_events")
     ids = Counter(row["transmission_id"] for row in stored)
     assert all(ids[d["transmissionId"]] == 1 for d in twice)

@@ -4,12 +4,7 @@ here independently (in Python, from the rows)."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import shutil
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,92 +12,37 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from liveserver import free_port
-from psycopg.rows import dict_row
+from runtimekit import OwnRuntime, Row, own_runtime
 
 from service.demo.scenario import Persona, plan
-from service.runtime.cluster import Runtime
-from service.sandbox.merchants import DOCS_TEST_MERCHANT
-
-Row = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class DemoRun:
-    env: dict[str, str]
-    runtime: Runtime
-    sandbox_url: str
+    own: OwnRuntime
     out: Path
     stdout: str
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
-    # Under /var/tmp: the OS user postgres must reach the cluster's directory.
-    base = Path("/var/tmp") / f"saju-demo-test-{os.getpid()}"
-    db_port, sandbox_port, service_port = free_port(), free_port(), free_port()
-    env = {
-        **os.environ,
-        "SAJU_RUNTIME_DIR": str(base),
-        "SAJU_DB_PORT": str(db_port),
-        # Its own Data API (gateway and PostgREST), beside the session's runtime.
-        "SAJU_API_PORT": str(free_port()),
-        "SAJU_REST_PORT": str(free_port()),
-        "SAJU_SANDBOX_PORT": str(sandbox_port),
-        "SAJU_SERVICE_PORT": str(service_port),
-    }
     out = tmp_path_factory.mktemp("demo")
-    runtime = Runtime(root=Runtime.from_env().root, base_dir=base, port=db_port)
-    try:
-        started = _cli(env, "db", "start")  # a fresh cluster: the first bootstrap
-        assert started.returncode == 0, started.stdout + started.stderr
-        done = _cli(
-            env, "demo", "--subscribers", "12", "--months", "3", "--seed", "13",
+    with own_runtime("demo-test") as own:
+        done = own.cli(
+            "demo", "--subscribers", "12", "--months", "3", "--seed", "13",
             "--browser", "1", "--out", str(out),
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
-        yield DemoRun(env, runtime, f"http://127.0.0.1:{sandbox_port}", out, done.stdout)
-    finally:
-        _cli(env, "stack", "down")
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _rows(run: DemoRun, query: str, role: str | None = None) -> list[Row]:
-    with psycopg.connect(run.runtime.dsn(), row_factory=dict_row) as conn:
-        if role is not None:
-            conn.execute(f"set role {role}".encode())
-        return conn.execute(query.encode()).fetchall()
+        yield DemoRun(own, out, done.stdout)
 
 
 def _view(run: DemoRun, view: str, order: str) -> list[Row]:
     """A view's rows as the analyst reads them, in JSON's terms (as report.json has them)."""
     query = f"select * from analytics.{view} order by {order}"  # noqa: S608 - names from this file
-    rows = _rows(run, query, role="analyst")
+    rows = run.own.rows(query, role="analyst")
     loaded: list[Row] = json.loads(json.dumps(rows, default=str))
     return loaded
-
-
-def _ledger(run: DemoRun) -> list[Row]:
-    secret = DOCS_TEST_MERCHANT.split(":")[1]
-    token = base64.b64encode(f"{secret}:".encode()).decode()
-    reply = httpx.get(
-        f"{run.sandbox_url}/_sandbox/ledger", headers={"Authorization": f"Basic {token}"}
-    )
-    entries: list[Row] = reply.json()["entries"]
-    return entries
 
 
 def _summed(rows: list[Row], key: Callable[[Row], Any], fields: tuple[str, ...]) -> dict[Any, Row]:
@@ -178,9 +118,9 @@ def test_the_demo_report_shows_the_analytics_views_numbers(demo_run: DemoRun) ->
 @pytest.mark.slow
 def test_the_demo_invariants_hold_against_the_sandbox_ledger(demo_run: DemoRun) -> None:
     report = json.loads((demo_run.out / "report.json").read_text())
-    attempts = _rows(demo_run, "select * from billing.charge_attempts")
-    payments = _rows(demo_run, "select * from billing.payments")
-    ledger = _ledger(demo_run)
+    attempts = demo_run.own.rows("select * from billing.charge_attempts")
+    payments = demo_run.own.rows("select * from billing.payments")
+    ledger = demo_run.own.ledger()
 
     period_of_order = {a["order_id"]: a["period_id"] for a in attempts}
     approvals = [e for e in ledger if e["kind"] == "approval"]
@@ -202,8 +142,7 @@ def test_the_demo_invariants_hold_against_the_sandbox_ledger(demo_run: DemoRun) 
 @pytest.mark.slow
 def test_subscribers_cancel_as_themselves(demo_run: DemoRun) -> None:
     # Each cancel a subscriber made is audited with their own JWT sub, under role authenticated.
-    cancels = _rows(
-        demo_run,
+    cancels = demo_run.own.rows(
         "select e.actor_role, e.actor_sub, s.user_id from billing.events e"
         " join billing.subscriptions s on s.id = e.entity_id"
         " where e.entity_type = 'subscriptions'"
@@ -224,7 +163,7 @@ def test_the_html_report_is_self_contained_and_the_system_stays_up(demo_run: Dem
     assert "periods charged twice at the sandbox" in page
     # Left running, with directions to it.
     assert "saju-billing stack down" in demo_run.stdout
-    assert httpx.get(f"{demo_run.sandbox_url}/v2/standard").status_code == 200
+    assert httpx.get(f"{demo_run.own.sandbox_url}/v2/standard").status_code == 200
 
 
 def test_the_cast_is_reproducible_and_mixed() -> None:

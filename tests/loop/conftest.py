@@ -68,6 +68,13 @@ def stack(bl: Billing, rt: Runtime, dbname: str) -> Iterator[Stack]:
 
 
 @pytest.fixture
+def impatient_stack(bl: Billing, rt: Runtime, dbname: str) -> Iterator[Stack]:
+    """The stack, with a service that waits only a second for a database connection."""
+    with _stack(bl, rt, dbname, db_pool_timeout_s=1.0) as s:
+        yield s
+
+
+@pytest.fixture
 def receiver() -> Iterator[Receiver]:
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     verifier = standardwebhooks.Webhook(secret)

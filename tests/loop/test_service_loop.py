@@ -8,6 +8,7 @@ import base64
 import logging
 import threading
 from datetime import timedelta
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -16,6 +17,8 @@ import pytest
 from dbkit import Billing, kst
 from liveserver import LiveServer, wait_until
 from loopkit import APP_URL, SECRET_KEY, Receiver, Stack
+from psycopg import sql
+from security.seckit import changed, contents
 
 from service import db
 from service.app import build_app
@@ -376,6 +379,20 @@ def test_notifications_reach_the_app_signed_per_standard_webhooks(
     assert len({n["id"] for n in receiver.received}) == len(receiver.received)
 
 
+def _drop_connections(stack: Stack, admin: psycopg.Connection[Any]) -> int:
+    """Ends every client session in the test database but the test's own (``admin`` and the
+    Billing connections), the service's pooled ones among them; returns how many ended."""
+    ours = [c.info.backend_pid for c in (stack.bl.owner, stack.bl.svc, stack.bl.user_conn)]
+    dropped = admin.execute(
+        "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity"
+        " where datname = current_database() and backend_type = 'client backend'"
+        "   and pid <> pg_backend_pid() and pid <> all(%s)",
+        (ours,),
+    ).fetchone()
+    assert dropped is not None
+    return int(dropped[0])
+
+
 def test_a_registration_after_the_database_dropped_every_pooled_connection(
     stack: Stack, rt: Runtime, dbname: str
 ) -> None:
@@ -384,16 +401,8 @@ def test_a_registration_after_the_database_dropped_every_pooled_connection(
     # records it, so a stale connection there would lose the card and leave its key at Toss.
     assert stack.register("u-before").status_code == 303
     stack.wait(lambda: _sub_status(stack, "u-before") == "active", "the first charge")
-    ours = [c.info.backend_pid for c in (stack.bl.owner, stack.bl.svc, stack.bl.user_conn)]
     with psycopg.connect(rt.dsn(dbname, ADMIN_USER), autocommit=True) as admin:
-        dropped = admin.execute(
-            "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity"
-            " where datname = current_database() and backend_type = 'client backend'"
-            "   and pid <> pg_backend_pid() and pid <> all(%s)",
-            (ours,),
-        ).fetchone()
-    assert dropped is not None
-    assert dropped[0] >= 1
+        assert _drop_connections(stack, admin) >= 1
     back = stack.register("u-after")
     assert back.status_code == 303, back.text
     assert parse_qs(urlsplit(back.headers["location"]).query)["status"] == ["registered"]
@@ -423,3 +432,50 @@ def test_the_pool_hands_out_a_live_connection_soon_after_losing_all_of_them(
             await pool.close()
 
     assert asyncio.run(scenario())
+
+
+def test_the_service_answers_503_while_its_database_refuses_it_and_recovers(
+    impatient_stack: Stack, rt: Runtime, dbname: str
+) -> None:
+    stack = impatient_stack
+    webhook = {
+        "eventType": "METHOD_UPDATED",
+        "createdAt": "2028-01-10T10:00:00.000000",
+        "data": {"customerKey": "ck_away"},
+    }
+    headers = {"tosspayments-webhook-transmission-id": "whtrans_away"}
+    limit = sql.SQL("alter database {} connection limit {}")
+    with (
+        psycopg.connect(rt.dsn(dbname, ADMIN_USER), autocommit=True) as admin,
+        httpx.Client(base_url=stack.service.url, timeout=30) as web,
+    ):
+        before = contents(admin)
+        # The service's login (not a superuser) may open no session; the ones it has end.
+        admin.execute(limit.format(sql.Identifier(dbname), sql.Literal(0)))
+        try:
+            assert _drop_connections(stack, admin) >= 1
+            away = web.post("/webhooks/toss", json=webhook, headers=headers)
+            after = contents(admin)
+        finally:
+            admin.execute(limit.format(sql.Identifier(dbname), sql.Literal(-1)))
+        assert away.status_code == 503, away.text
+        assert away.headers["Retry-After"] == "5"
+        assert '<code id="code">DATABASE_UNAVAILABLE</code>' in away.text
+        assert changed(before, after) == []
+
+        # Back: the same delivery, retried as Retry-After asks, is stored once.
+        answers: list[httpx.Response] = []
+
+        def answered() -> bool:
+            answers.append(web.post("/webhooks/toss", json=webhook, headers=headers))
+            return answers[-1].status_code != 503
+
+        stack.wait(answered, "the service to reach its database again")
+        assert answers[-1].status_code == 200, answers[-1].text
+        assert answers[-1].json() == {"received": True, "duplicate": False}
+        assert web.get("/readyz").json()["database"] is True
+    stored = stack.bl.all(
+        "select event_type, status::text from billing.webhook_events"
+        " where transmission_id = 'whtrans_away'"
+    )
+    assert stored == [{"event_type": "METHOD_UPDATED", "status": "ignored"}]

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +18,14 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from liveserver import free_port
+from runtimekit import SECRET_KEY, OwnRuntime, own_runtime
 
 from service.crypto import Keyring
 from service.runtime.api import DataApi
-from service.runtime.cluster import ADMIN_USER, Runtime
+from service.runtime.cluster import ADMIN_USER
 from service.runtime.signin import sign_in
 from service.sandbox.app import MaskBillingKeys
-from service.sandbox.merchants import DOCS_TEST_MERCHANT
 
-SECRET_KEY = DOCS_TEST_MERCHANT.split(":")[1]
 # The sandbox's authKeys (as Toss's: "bln_" and 24 letters or digits).
 AUTH_KEY = re.compile(r"bln_[A-Za-z0-9]{24}")
 PG_DUMP = Path("/usr/lib/postgresql/15/bin/pg_dump")
@@ -38,76 +33,36 @@ PG_DUMP = Path("/usr/lib/postgresql/15/bin/pg_dump")
 
 @dataclass(frozen=True)
 class Run:
-    env: dict[str, str]
-    runtime: Runtime
+    own: OwnRuntime
     out: Path
     stdout: str
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    # Under /var/tmp: the OS user postgres must reach the cluster's directory.
-    base = Path("/var/tmp") / f"saju-security-{os.getpid()}"
-    db_port = free_port()
-    env = {
-        **os.environ,
-        "SAJU_RUNTIME_DIR": str(base),
-        "SAJU_DB_PORT": str(db_port),
-        "SAJU_API_PORT": str(free_port()),
-        "SAJU_REST_PORT": str(free_port()),
-        "SAJU_SANDBOX_PORT": str(free_port()),
-        "SAJU_SERVICE_PORT": str(free_port()),
-    }
     out = tmp_path_factory.mktemp("demo")
-    runtime = Runtime(root=Runtime.from_env().root, base_dir=base, port=db_port)
-    try:
-        # A first bootstrap can lose a race with pg_cron's launcher over the base template.
-        for _ in range(3):
-            started = _cli(env, "db", "start")
-            if started.returncode == 0:
-                break
-        assert started.returncode == 0, started.stdout + started.stderr
-        done = _cli(
-            env, "demo", "--subscribers", "8", "--months", "2", "--seed", "11",
+    with own_runtime("security") as own:
+        done = own.cli(
+            "demo", "--subscribers", "8", "--months", "2", "--seed", "11",
             "--browser", "0", "--out", str(out),
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
-        yield Run(env, runtime, out, done.stdout + done.stderr)
-    finally:
-        _cli(env, "stack", "down")
-        _cli(env, "db", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+        yield Run(own, out, done.stdout + done.stderr)
 
 
 def billing_keys(run: Run) -> set[str]:
     """Every billing key the demo registered: opened from the database with the stack's keyring,
     and every key Toss (the sandbox) charged."""
-    env_file = run.runtime.base_dir / "stack" / "service.env"
+    env_file = run.own.runtime.base_dir / "stack" / "service.env"
     settings = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     keyring = Keyring.parse(settings["SAJU_BILLING_KEYRING"])
-    with psycopg.connect(run.runtime.dsn(user=ADMIN_USER)) as conn:
+    with psycopg.connect(run.own.runtime.dsn(user=ADMIN_USER)) as conn:
         sealed = conn.execute(
             "select billing_key_ciphertext, billing_key_key_id, customer_key"
             " from billing.payment_methods"
         ).fetchall()
     keys = {keyring.open(bytes(c), k, ck) for c, k, ck in sealed}
-    token = base64.b64encode(f"{SECRET_KEY}:".encode()).decode()
-    sandbox = run.env["SAJU_SANDBOX_PORT"]
-    ledger = httpx.get(
-        f"http://127.0.0.1:{sandbox}/_sandbox/ledger", headers={"Authorization": f"Basic {token}"}
-    ).json()["entries"]
-    charged = {e["billingKey"] for e in ledger}
+    charged = {e["billingKey"] for e in run.own.ledger()}
     assert charged <= keys  # the ledger knows no key the database lost
     return keys
 
@@ -116,14 +71,14 @@ def haystacks(run: Run) -> dict[str, str]:
     """Everything a person or a program could read afterwards, by where it came from."""
     found: dict[str, str] = {}
     dump = subprocess.run(
-        [str(PG_DUMP), "--no-owner", run.runtime.dsn(user=ADMIN_USER)],
+        [str(PG_DUMP), "--no-owner", run.own.runtime.dsn(user=ADMIN_USER)],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
     found["pg_dump"] = dump.stdout
-    base = run.runtime.base_dir
+    base = run.own.runtime.base_dir
     logs = [p for p in base.rglob("*") if p.is_file() and (p.suffix == ".log" or "log" in p.parts)]
     assert {"postgres.log", "service.log", "sandbox.log"} <= {p.name for p in logs}
     for path in logs:
@@ -132,14 +87,14 @@ def haystacks(run: Run) -> dict[str, str]:
     for path in run.out.rglob("*"):
         if path.is_file():
             found[f"report {path.name}"] = path.read_text(errors="replace")
-    service = f"http://127.0.0.1:{run.env['SAJU_SERVICE_PORT']}"
     for path in ("/metrics", "/readyz", "/healthz", "/openapi.json"):
-        found[f"GET {path}"] = httpx.get(f"{service}{path}", timeout=30).text
+        found[f"GET {path}"] = httpx.get(f"{run.own.service_url}{path}", timeout=30).text
     # What subscribers read back through the Data API (their card, payments, credits).
-    api = DataApi.from_env(run.runtime)
-    api = DataApi(run.runtime, api.dbname, int(run.env["SAJU_API_PORT"]), int(
-        run.env["SAJU_REST_PORT"]), api.state_dir)  # fmt: skip
-    with psycopg.connect(run.runtime.dsn(user=ADMIN_USER)) as conn:
+    rt, env = run.own.runtime, run.own.env
+    api = DataApi.from_env(rt)
+    api = DataApi(rt, api.dbname, int(env["SAJU_API_PORT"]), int(env["SAJU_REST_PORT"]),
+                  api.state_dir)  # fmt: skip
+    with psycopg.connect(rt.dsn(user=ADMIN_USER)) as conn:
         users = [r[0] for r in conn.execute("select distinct user_id from billing.customers")]
     assert users
     headers = {"apikey": api.anon_key, "Content-Profile": "api"}
@@ -178,10 +133,9 @@ def test_no_secret_is_found_anywhere_after_a_demo_run(demo: Run) -> None:
     assert "billing.payment_methods" in texts["pg_dump"]
     assert "POST /v1/billing/****" in texts["stack/sandbox.log"]
     # And the authKey pattern is the sandbox's: one minted now matches it.
-    sandbox = f"http://127.0.0.1:{demo.env['SAJU_SANDBOX_PORT']}"
     token = base64.b64encode(f"{SECRET_KEY}:".encode()).decode()
     minted = httpx.post(
-        f"{sandbox}/_sandbox/auth-keys",
+        f"{demo.own.sandbox_url}/_sandbox/auth-keys",
         json={"customerKey": "ck_" + "0" * 32},
         headers={"Authorization": f"Basic {token}"},
     ).json()["authKey"]

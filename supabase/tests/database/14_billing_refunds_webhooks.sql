@@ -1,7 +1,7 @@
 -- Refunds (operator request, service claim and result), the webhook inbox, billing-key deletion
 -- at Toss and the notification outbox, with their SQLSTATEs.
 begin;
-select plan(101);
+select plan(104);
 
 -- The helpers (tests.as_user, tests.svc, tests.register, tests.serve, ...) come from 01_helpers.sql.
 
@@ -185,6 +185,12 @@ select throws_ok($$ select tests.svc($q$ select to_jsonb(w) from billing.service
   'SB400', null, 'a payload that is not an object: SB400');
 select throws_ok($$ select tests.svc($q$ select to_jsonb(w) from billing.service_ingest_webhook('', 'X', '{}') w $q$) $$,
   'SB400', null, 'no transmission id: SB400');
+select throws_ok($$ select tests.svc($q$ select to_jsonb(w) from billing.service_ingest_webhook('whtrans_6e', null,
+  '{"eventType": "", "data": {}}') w $q$) $$, 'SB400', null, 'an empty eventType: SB400');
+select throws_ok($$ select tests.svc($q$ select to_jsonb(w) from billing.service_ingest_webhook('whtrans_6f', '',
+  '{"eventType": "", "data": {}}') w $q$) $$, 'SB400', null, 'an empty eventType and event_type: SB400');
+select is((select count(*) from billing.webhook_events where transmission_id in ('whtrans_6e', 'whtrans_6f')), 0::bigint,
+  'and nothing was stored');
 select tests.svc($q$ select jsonb_agg(to_jsonb(c) order by c.transmission_id) from billing.service_claim_webhooks('w', 10) c $q$)
   as wc \gset
 select is((select jsonb_agg(e -> 'transmission_id') from jsonb_array_elements(:'wc') e),
