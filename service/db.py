@@ -14,6 +14,7 @@ delivered), which are recorded from anyone.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -999,6 +1000,20 @@ async def configure_session(conn: psycopg.AsyncConnection[Any], role: str) -> No
     await run(conn, set_role(role))
 
 
+def _server_spoke(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle pooled connection has something to read, or is known broken. The server
+    speaks on an idle connection only to end it (a restart, a terminated backend, a timeout), so
+    a connection with nothing to read is handed out without a round trip of its own (a tenth of
+    the service's CPU per charge when every checkout sent one)."""
+    if conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+        return True
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.OperationalError):
+        return True
+    return bool(readable)
+
+
 def connection_pool(
     conninfo: str, role: str, max_size: int, timeout: float = 30.0
 ) -> AsyncConnectionPool[Any]:
@@ -1011,6 +1026,8 @@ def connection_pool(
         await configure_session(conn, role)
 
     async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        if not _server_spoke(conn):
+            return
         try:
             await AsyncConnectionPool.check_connection(conn)
         except Exception:

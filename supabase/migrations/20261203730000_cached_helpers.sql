@@ -191,16 +191,12 @@ volatile
 set search_path = ''
 as $$
 begin
-  return 'ord_' || pg_catalog.lpad(pg_catalog.to_hex(pg_catalog.floor(
-                     pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint), 12, '0')
-         || pg_catalog.encode(extensions.gen_random_bytes(10), 'hex');
+  return 'ord_' || pg_catalog.encode(extensions.gen_random_bytes(16), 'hex');
 end
 $$;
 revoke execute on function billing.new_order_id() from public;
 comment on function billing.new_order_id() is
-  'A fresh Toss orderId (36 characters of ^[A-Za-z0-9_-]): ord_, 12 hex digits of Unix milliseconds '
-  '(so later orders sort later and are appended to the order index), then 80 random bits. Owner '
-  'only. Raises nothing.';
+  'A fresh Toss orderId (36 characters of ^[A-Za-z0-9_-]). Owner only. Raises nothing.';
 
 create or replace function billing.webhook_headers(headers jsonb)
 returns jsonb
