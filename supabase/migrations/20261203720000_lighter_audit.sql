@@ -2,7 +2,7 @@
 --
 -- billing.audit_status read every changed row as jsonb (the whole row: a payment's raw snapshot, a
 -- webhook's payload) so that one body could serve every table, joined old to new rows on the JSON
--- text of their ids, and looked the actor up again for each row. A charge fires four of these, so
+-- text of their ids, and looked the actor up again for each row. A charge fires five of these, so
 -- they were about a quarter of what recording one cost. plpgsql compiles a trigger function once
 -- per table, so the columns can be named: the body below is compiled for each audited table that
 -- has a status and a status_reason; payments (no status_reason) and customers (no status) get one
