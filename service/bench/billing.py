@@ -236,7 +236,7 @@ def _seed_baseline(bench: Bench, subset: list[tuple[str, str, str]]) -> dict[str
 def run(options: Options, out_dir: Path) -> dict[str, Any]:
     """Runs the benchmark; returns the results (also written to ``out_dir``)."""
     o = options
-    with harness.bench_database(o.durable, o.statements, o.ports) as bench:
+    with harness.bench_database(o.durable, o.ports) as bench:
         with harness.admin(bench) as admin:
             admin.execute("select billing.enable_test_clock()")
             admin.execute("select billing.set_test_clock(%s)", (START,))

@@ -145,36 +145,6 @@ def sample_cpu(rt: Runtime, service_pid: int) -> CpuSample:
 # ------------------------------------------------------------------------------ statements
 
 
-def _restart(rt: Runtime) -> None:
-    supervisor.stop_networker(rt)
-    rt.stop()
-    rt.start()
-    supervisor.ensure_networker(rt)
-
-
-@contextlib.contextmanager
-def statements_preloaded(rt: Runtime) -> Iterator[None]:
-    """pg_stat_statements loaded (as on Supabase) for the block. The local runtime does not
-    preload it, so the cluster restarts with it and, afterwards, restarts as it was."""
-    with rt.connect("postgres") as conn:
-        row = conn.execute("select current_setting('shared_preload_libraries')").fetchone()
-        loaded = row is not None and "pg_stat_statements" in str(row[0])
-        if not loaded:
-            conn.execute(
-                "alter system set shared_preload_libraries = 'pg_cron', 'pg_stat_statements'"
-            )
-    if loaded:
-        yield
-        return
-    _restart(rt)
-    try:
-        yield
-    finally:
-        with rt.connect("postgres") as conn:
-            conn.execute("alter system reset shared_preload_libraries")
-        _restart(rt)
-
-
 def statements_loaded(conn: Conn) -> bool:
     row = conn.execute("select current_setting('shared_preload_libraries')").fetchone()
     return row is not None and "pg_stat_statements" in str(row[0])
@@ -341,18 +311,15 @@ class Bench:
 
 
 @contextlib.contextmanager
-def bench_database(
-    durable: bool, statements: bool, ports: tuple[int, int] | None = None
-) -> Iterator[Bench]:
+def bench_database(durable: bool, ports: tuple[int, int] | None = None) -> Iterator[Bench]:
     """A migrated database of the benchmark's own, on the cluster in the mode asked for; the
     processes started on it are stopped and the database dropped afterwards. ``ports``: the
     sandbox's and the service's (default ``$SAJU_SANDBOX_PORT``, ``$SAJU_SERVICE_PORT``)."""
     import secrets
 
-    with bench_runtime(durable) as rt, contextlib.ExitStack() as stack:
+    # pg_stat_statements is preloaded by the runtime (as on Supabase); reset_statements reads it.
+    with bench_runtime(durable) as rt:
         supervisor.ensure_networker(rt)
-        if statements:
-            stack.enter_context(statements_preloaded(rt))
         dbname = testdb.clone(rt, testdb.migrated_template(rt), prefix="bench")
         bench = Bench(
             rt,

@@ -155,7 +155,7 @@ def _percentile(values: list[float], p: float) -> float:
 def run(options: Options, out_dir: Path) -> dict[str, Any]:
     """Runs the benchmark; returns the results (also written to ``out_dir``)."""
     o = options
-    with harness.bench_database(o.durable, o.statements, o.ports) as bench:
+    with harness.bench_database(o.durable, o.ports) as bench:
         bench.start_sandbox(rate_limit=None)
         payments = _payments(bench)
         service = bench.start_service()
