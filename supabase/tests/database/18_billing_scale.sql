@@ -3,7 +3,7 @@
 -- partition for instants without a month of their own, partitions kept ahead of the real clock, and
 -- the archive path (detach a past month, export, drop).
 begin;
-select plan(46);
+select plan(47);
 
 select billing.enable_test_clock() is not null as _ \gset
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
@@ -153,6 +153,12 @@ select is((select pg_catalog.array_agg(p.proname::text order by p.proname)
                                 'new_order_id', 'webhook_headers')),
   null,
   'the helpers called on every charge, renewal and event are not SQL functions with a SET clause (planned per call)');
+
+select is((select pg_catalog.array_agg(c.relname::text order by c.relname) from pg_catalog.pg_class c
+            where c.relnamespace = 'billing'::regnamespace
+              and c.reloptions @> array['autovacuum_vacuum_scale_factor=0.01', 'autovacuum_analyze_scale_factor=0.02']),
+  array['billing_periods', 'card_registrations', 'charge_attempts', 'credit_grants', 'notifications', 'subscriptions'],
+  'the tables a burst rewrites are vacuumed after 1 % of them is dead, not 20 %');
 
 select * from finish();
 rollback;
