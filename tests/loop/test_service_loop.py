@@ -479,3 +479,23 @@ def test_the_service_answers_503_while_its_database_refuses_it_and_recovers(
         " where transmission_id = 'whtrans_away'"
     )
     assert stored == [{"event_type": "METHOD_UPDATED", "status": "ignored"}]
+
+
+def test_an_idle_connection_is_handed_out_without_a_round_trip_until_the_server_ends_it(
+    bl: Billing, rt: Runtime, dbname: str
+) -> None:
+    # The pool's check asks the server only when it has spoken on an idle connection, which it
+    # does only to end it.
+    async def scenario() -> tuple[bool, bool]:
+        conn = await psycopg.AsyncConnection.connect(rt.dsn(dbname, "postgres"), autocommit=True)
+        try:
+            await conn.execute("select 1")
+            quiet = db._server_spoke(conn)
+            with psycopg.connect(rt.dsn(dbname, ADMIN_USER), autocommit=True) as admin:
+                admin.execute("select pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            wait_until(lambda: db._server_spoke(conn), "the server's goodbye", 10)
+            return quiet, db._server_spoke(conn)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(scenario()) == (False, True)
