@@ -263,7 +263,9 @@ class Runtime:
                     f"port = {self.port}",
                     "unix_socket_directories = '/tmp'",
                     # pg_stat_statements as on Supabase: the benchmarks read per-statement costs.
-                    "shared_preload_libraries = 'pg_cron,pg_stat_statements'",
+                    # plpgsql as on Supabase too: loaded once, not by each new session's first
+                    # call (about 1.5 ms of every pg_cron run).
+                    "shared_preload_libraries = 'pg_cron,pg_stat_statements,plpgsql'",
                     f"cron.database_name = '{cron_database}'",
                     # No libpq connection (and so no password) needed for job runs.
                     "cron.use_background_workers = on",

@@ -310,3 +310,41 @@ def test_recording_approvals_reads_only_the_charged_rows(big: Big) -> None:
     assert [(r[1], r[2]) for r in results] == [("succeeded", True)] * 6
     assert all(r[3]["applied"] is True and r[3]["sync"]["stale"] is False for r in results)
     assert problems(seen) == []
+
+
+def test_billing_never_compiles_its_statements(big: Big) -> None:
+    """With JIT on for every plan (jit_above_cost 0), the session's own statements are compiled
+    and nothing nested in billing's functions is: a generic plan over a million rows is estimated
+    above the default threshold, and compiling it cost more than running it."""
+    big.conn.execute("select billing.set_test_clock(%s)", (START + timedelta(days=34, minutes=1),))
+    sent = {
+        "select billing.tick()",
+        "select * from billing.service_claim_attempts('plan-check-jit', 10)",
+        "select api.my_subscription()",
+        "select api.my_payments()",
+        "select set_config('request.jwt.claims', $1, true)",  # as_user's own
+    }
+    for setting in ("jit = on", "jit_above_cost = 0", "jit_optimize_above_cost = -1"):
+        big.conn.execute(f"set {setting}")
+    try:
+        results: list[Any] = []
+        seen = big.explained(
+            lambda: results.extend(
+                [
+                    big.conn.execute("select billing.tick()").fetchone(),
+                    big.as_service("billing.service_claim_attempts('plan-check-jit', 10)"),
+                    big.as_user("big-200", "api.my_subscription()"),
+                    big.as_user("big-200", "api.my_payments()"),
+                ]
+            ),
+            generic=True,
+        )
+    finally:
+        big.conn.execute("reset jit_above_cost")
+        big.conn.execute("reset jit_optimize_above_cost")
+    assert results[0][0]["renewals"] >= 500  # at least a batch
+    assert len(results[1]) == 10
+    compiled = {entry["Query Text"] for entry in seen if "JIT" in entry}
+    assert compiled & sent, "the session's own statements are compiled"
+    assert len(seen) > 20
+    assert compiled <= sent

@@ -42,7 +42,7 @@ def test_main_database_runs_pg_cron_as_supabase_does(rt: Runtime) -> None:
     assert launcher == (1,)
     assert settings == {
         "cron.database_name": "postgres",
-        "shared_preload_libraries": "pg_cron,pg_stat_statements",
+        "shared_preload_libraries": "pg_cron,pg_stat_statements,plpgsql",
         "TimeZone": "UTC",
         "cron.use_background_workers": "on",
     }

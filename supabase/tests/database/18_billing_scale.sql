@@ -3,7 +3,7 @@
 -- partition for instants without a month of their own, partitions kept ahead of the real clock, and
 -- the archive path (detach a past month, export, drop).
 begin;
-select plan(47);
+select plan(48);
 
 select billing.enable_test_clock() is not null as _ \gset
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
@@ -159,6 +159,13 @@ select is((select pg_catalog.array_agg(c.relname::text order by c.relname) from 
               and c.reloptions @> array['autovacuum_vacuum_scale_factor=0.01', 'autovacuum_analyze_scale_factor=0.02']),
   array['billing_periods', 'card_registrations', 'charge_attempts', 'credit_grants', 'notifications', 'subscriptions'],
   'the tables a burst rewrites are vacuumed after 1 % of them is dead, not 20 %');
+
+-- "create or replace" resets a function's settings: every function keeps JIT off.
+select is_empty($$
+  select p.oid::regprocedure::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+   where n.nspname in ('billing', 'api', 'api_impl') and p.prokind = 'f'
+     and not 'jit=off' = any (coalesce(p.proconfig, '{}'))$$,
+  'every billing, api and api_impl function runs without JIT compilation');
 
 select * from finish();
 rollback;

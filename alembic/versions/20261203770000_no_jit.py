@@ -1,0 +1,19 @@
+"""no_jit
+
+Runs supabase/migrations/20261203770000_no_jit.sql unchanged.
+"""
+
+from service.runtime.migrations import run_revision
+
+revision = "20261203770000"
+down_revision = "20261203760000"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_revision(revision)
+
+
+def downgrade() -> None:
+    raise NotImplementedError("migrations are forward-only")
