@@ -7,6 +7,7 @@ import asyncio
 import base64
 import logging
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -426,6 +427,14 @@ def test_the_pool_hands_out_a_live_connection_soon_after_losing_all_of_them(
                 await pool.putconn(c)
             with psycopg.connect(rt.dsn(dbname, ADMIN_USER), autocommit=True) as admin:
                 admin.execute("select pg_terminate_backend(p) from unnest(%s::int[]) p", (pids,))
+                # Lost means gone: pg_terminate_backend only signals, and a backend that has not
+                # yet ended has not yet told its client either.
+                deadline = time.monotonic() + 30
+                while admin.execute(
+                    "select count(*) from pg_stat_activity where pid = any(%s)", (pids,)
+                ).fetchone() != (0,):
+                    assert time.monotonic() < deadline, "the backends did not end"
+                    await asyncio.sleep(0.05)
             async with pool.connection(timeout=5) as conn:
                 return await db.ping(conn)
         finally:
