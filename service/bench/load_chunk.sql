@@ -4,18 +4,19 @@
 -- in the order the triggers write them. Parameters are psycopg's named placeholders; the Toss Payment
 -- expression replaces the payment marker.
 create temporary table load_plan on commit drop as
-select g.i,
-       %(prefix)s || g.i as user_id,
-       %(start)s::timestamptz + %(spread)s::interval * g.i / %(n)s as at,
-       gen_random_uuid() as customer_id, gen_random_uuid() as registration_id,
-       gen_random_uuid() as payment_method_id, gen_random_uuid() as subscription_id,
-       gen_random_uuid() as period_id, gen_random_uuid() as attempt_id,
-       gen_random_uuid() as payment_id, gen_random_uuid() as grant_id,
-       billing.new_order_id() as order_id,
+select g.i, g.user_id, g.at,
+       -- Ids as the tables' defaults make them, at the subscriber's (simulated) creation time.
+       billing.new_id(g.at) as customer_id, billing.new_id(g.at) as registration_id,
+       billing.new_id(g.at) as payment_method_id, billing.new_id(g.at) as subscription_id,
+       billing.new_id(g.at) as period_id, billing.new_id(g.at) as attempt_id,
+       billing.new_id(g.at) as payment_id, billing.new_id(g.at) as grant_id,
+       billing.new_order_id(g.at) as order_id,
        'ck_' || pg_catalog.encode(extensions.gen_random_bytes(16), 'hex') as customer_key,
        'bk_' || %(prefix)s || g.i as billing_key,
        pl.id as plan_id, pl.name as plan_name, pl.credits_per_period
-  from pg_catalog.generate_series(%(first)s, %(last)s) g(i)
+  from (select i, %(prefix)s || i as user_id,
+               %(start)s::timestamptz + %(spread)s::interval * i / %(n)s as at
+          from pg_catalog.generate_series(%(first)s, %(last)s) i) g
  cross join billing.plans pl
  where pl.code = 'pro';
 
@@ -64,10 +65,10 @@ select period_id, subscription_id, user_id, 1, at, ends_at, price_id, amount, 'p
 
 insert into billing.charge_attempts (id, period_id, subscription_id, user_id, payment_method_id, attempt_number,
                                      order_id, amount, order_name, status, status_reason, not_before, sends,
-                                     resolved_at, lease_token, created_at)
+                                     resolved_at, lease_token, idempotency_key, created_at)
 select attempt_id, period_id, subscription_id, user_id, payment_method_id, 1, order_id, amount,
        billing.order_name(plan_name, at, ends_at), 'succeeded', 'approved as payment ' || (payment ->> 'paymentKey'),
-       at, 1, at, pg_catalog.gen_random_uuid(), at
+       at, 1, at, pg_catalog.gen_random_uuid(), billing.new_id(at), at
   from load_plan;
 
 insert into billing.payments (id, payment_key, order_id, attempt_id, subscription_id, period_id, customer_id, user_id,

@@ -35,7 +35,7 @@ select functions_are('billing', array[
   -- clock, calendar, helpers
   'now', 'dunning_schedule_is_valid', 'period_start', 'add_local', 'backoff', 'enable_test_clock',
   'require_test_clock', 'move_test_clock', 'set_test_clock', 'advance_test_clock', 'log_event',
-  'notify_subscriber', 'raise_alert', 'price_at', 'new_order_id', 'order_name', 'parse_payment',
+  'notify_subscriber', 'raise_alert', 'price_at', 'new_order_id', 'new_id', 'order_name', 'parse_payment',
   'open_period', 'create_attempt', 'withdraw_attempts', 'schedule_key_deletion', 'grant_period_credits',
   'close_credit_grant', 'end_subscription', 'payment_cancels', 'cancel_count', 'sync_payment',
   'apply_charge_success', 'mark_past_due', 'after_charge_failure', 'replace_card', 'actor_role',

@@ -3,7 +3,7 @@
 -- partition for instants without a month of their own, partitions kept ahead of the real clock, and
 -- the archive path (detach a past month, export, drop).
 begin;
-select plan(48);
+select plan(52);
 
 select billing.enable_test_clock() is not null as _ \gset
 select billing.set_test_clock('2028-01-10 10:00+09') is not null as _ \gset
@@ -166,6 +166,24 @@ select is_empty($$
    where n.nspname in ('billing', 'api', 'api_impl') and p.prokind = 'f'
      and not 'jit=off' = any (coalesce(p.proconfig, '{}'))$$,
   'every billing, api and api_impl function runs without JIT compilation');
+
+-- Row ids: version 8 UUIDs of an insertion point (1 of 16) and the creation time.
+select is((select count(*)::int from (select billing.new_id()::text as id from generate_series(1, 2000)) x
+            where x.id ~ '^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$'),
+  2000, 'row ids are RFC 9562 version 8 UUIDs');
+select is((select array[count(distinct pg_catalog.left(x.id::text, 1)), count(distinct x.id)]::int[]
+             from (select billing.new_id() as id from generate_series(1, 2000)) x),
+  array[16, 2000], 'row ids are distinct and spread over sixteen insertion points');
+select is(substr(replace(billing.new_id('2028-01-10 10:00:00.123+09')::text, '-', ''), 2, 11),
+  lpad(to_hex((extract(epoch from timestamptz '2028-01-10 10:00:00.123+09') * 1000)::bigint), 11, '0'),
+  'a row id carries its creation time in milliseconds after its insertion point');
+select is_empty($$
+  select a.attrelid::regclass::text || '.' || a.attname from pg_attrdef d
+    join pg_attribute a on a.attrelid = d.adrelid and a.attnum = d.adnum
+    join pg_class t on t.oid = d.adrelid join pg_namespace n on n.oid = t.relnamespace
+   where n.nspname = 'billing' and a.atttypid = 'uuid'::regtype
+     and pg_get_expr(d.adbin, d.adrelid) <> 'billing.new_id()'$$,
+  'every uuid column default in billing is billing.new_id()');
 
 select * from finish();
 rollback;

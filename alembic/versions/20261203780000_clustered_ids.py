@@ -1,0 +1,19 @@
+"""clustered_ids
+
+Runs supabase/migrations/20261203780000_clustered_ids.sql unchanged.
+"""
+
+from service.runtime.migrations import run_revision
+
+revision = "20261203780000"
+down_revision = "20261203770000"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_revision(revision)
+
+
+def downgrade() -> None:
+    raise NotImplementedError("migrations are forward-only")
