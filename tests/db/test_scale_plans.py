@@ -340,8 +340,8 @@ def test_billing_never_compiles_its_statements(big: Big) -> None:
             generic=True,
         )
     finally:
-        big.conn.execute("reset jit_above_cost")
-        big.conn.execute("reset jit_optimize_above_cost")
+        for setting in ("jit", "jit_above_cost", "jit_optimize_above_cost"):
+            big.conn.execute(f"reset {setting}")
     assert results[0][0]["renewals"] >= 500  # at least a batch
     assert len(results[1]) == 10
     compiled = {entry["Query Text"] for entry in seen if "JIT" in entry}
