@@ -3,8 +3,10 @@
 Loads N subscribers with the bulk loader into a database of its own (anchors spread over 30 days
 from START, so one day's renewals are N/30), then measures:
 
-* ``idle_tick_ms``: ``select billing.tick()`` with nothing due, each in a new session (as pg_cron
-  runs it); median of the runs.
+* ``idle_tick_ms``: ``call billing.run_ticks()`` with nothing due, each in a new session (as pg_cron
+  runs it), after the first idle minute stored the horizon; median of the runs. Beside it: that
+  first minute (it probes every table) and ``select billing.tick()``'s probe while writes are
+  signalled.
 * ``api_call_ms``: each ``api.*`` function as a signed-in subscriber; the slowest function's median.
 * ``due_to_attempts_s``: one day's renewals due at once; the ticks that turn them into claimable
   attempts, back to back, and the time until the last of them committed at pg_cron's cadence (one
@@ -323,6 +325,19 @@ def _settle(admin: Conn) -> None:
     admin.execute("checkpoint")
 
 
+def _asleep_after(rt: Runtime, dbname: str) -> list[float]:
+    """The first idle minutes after writes: ``call billing.run_ticks()`` in new sessions, each
+    probing in full, until one has stored the horizon (a transaction elsewhere in the cluster
+    holding an id while it is read keeps it at now)."""
+    times: list[float] = []
+    while len(times) < 20:
+        times += _cold_calls(rt, dbname, "call billing.run_ticks()", runs=1)
+        with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
+            if _scalar(conn, "select billing.tick_asleep(billing.now())"):
+                return times
+    raise RuntimeError("run_ticks never stored a horizon")
+
+
 def _cold_calls(rt: Runtime, dbname: str, query: str, runs: int) -> list[float]:
     times = []
     for _ in range(runs):
@@ -411,8 +426,9 @@ def _run(rt: Runtime, subscriptions: int, keep: bool) -> dict[str, Any]:
                     " where delivered_at is null"
                 )
                 settle_s = _timed(lambda: _settle(admin))
-                idle = _idle_ticks(rt, dbname, runs=10)
-                idle_calls = _cold_calls(rt, dbname, "call billing.run_ticks()", runs=10)
+                probed = _idle_ticks(rt, dbname, runs=10)
+                waking = _asleep_after(rt, dbname)
+                idle = _cold_calls(rt, dbname, "call billing.run_ticks()", runs=10)
                 api = _api_calls(rt, dbname, subscriptions, samples=20)
                 burst = _run_ticks_burst(rt, dbname)
                 one = _charges(rt, dbname, admin, workers=1, limit=charges_one)
@@ -440,7 +456,8 @@ def _run(rt: Runtime, subscriptions: int, keep: bool) -> dict[str, Any]:
                 "api_call_ms_median": api_medians,
                 "api_call_ms_max": {call: _ms(max(times)) for call, times in api.items()},
                 "idle_tick_ms_runs": [_ms(t) for t in idle],
-                "idle_run_ticks_ms_runs": [_ms(t) for t in idle_calls],
+                "idle_probe_ms_runs": [_ms(t) for t in probed],
+                "idle_waking_ms_runs": [_ms(t) for t in waking],
                 "idle_tick_ringing_ms_runs": [_ms(t) for t in ringing],
                 "steady_tick_ms_runs": [_ms(t) for t in steady],
                 "steady_tick_renewals": steady_renewals,
@@ -468,6 +485,11 @@ def table(results: dict[str, Any]) -> str:
         ("subscriptions", f"{results['subscriptions']:,}"),
         ("api_call_ms (slowest api.* median)", f"{figures['api_call_ms']:.3f}"),
         ("idle_tick_ms (new session, median)", f"{figures['idle_tick_ms']:.3f}"),
+        ("  first idle minute after writes (probes)", f"{detail['idle_waking_ms_runs'][0]:.3f}"),
+        (
+            "  select billing.tick() after writes (median)",
+            f"{statistics.median(detail['idle_probe_ms_runs']):.3f}",
+        ),
         ("steady_tick_ms (median)", f"{figures['steady_tick_ms']:.3f}"),
         ("due_to_attempts_s (one day's renewals)", f"{figures['due_to_attempts_s']:.3f}"),
         ("  renewals due / run_ticks calls", f"{burst['due']:,} / {len(burst['calls'])}"),

@@ -38,8 +38,8 @@ def bunched(rt: Runtime, template: str) -> Iterator[str]:
         testdb.drop(rt, name)
 
 
-def _scalar(conn: Conn, query: str) -> object:
-    row = conn.execute(query).fetchone()
+def _scalar(conn: Conn, query: str, params: tuple[object, ...] | None = None) -> object:
+    row = conn.execute(query, params).fetchone()
     assert row is not None
     return row[0]
 
@@ -156,3 +156,135 @@ def test_pg_cron_calls_run_ticks_as_its_job(rt: Runtime, bunched: str) -> None:
     assert queued is not None
     assert queued[0] == N
     assert queued[1] >= 1
+
+
+# --- The idle minute: the stored horizon instead of the probe ------------------------------------
+
+QUIET_N = 20
+
+
+@pytest.fixture
+def quiet(rt: Runtime, template: str) -> Iterator[Conn]:
+    """QUIET_N subscribers a day into their first month, their welcome notifications delivered:
+    nothing is due until the first renewal."""
+    name = testdb.clone(rt, template)
+    try:
+        with psycopg.connect(rt.dsn(name, ADMIN_USER), autocommit=True) as admin:
+            admin.execute("select billing.enable_test_clock()")
+            loader.load_subscribers(admin, QUIET_N, START, timedelta(hours=1), prefix="q-")
+            admin.execute("select billing.set_test_clock(%s)", (START + timedelta(days=1),))
+            admin.execute(
+                "update billing.notifications set delivered_at = billing.now()"
+                " where delivered_at is null"
+            )
+        with psycopg.connect(rt.dsn(name, "postgres"), autocommit=True) as conn:
+            yield conn
+    finally:
+        testdb.drop(rt, name)
+
+
+def _wakeup(conn: Conn) -> tuple[int, object, bool]:
+    """The generation, the horizon (None for -infinity: now) and whether a tick would sleep."""
+    row = conn.execute(
+        """select w.generation, nullif(w.next_at, '-infinity'), billing.tick_asleep(billing.now())
+             from billing.tick_wakeup w"""
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), row[1], bool(row[2])  # type: ignore[call-overload]
+
+
+def _settle(conn: Conn) -> tuple[int, object]:
+    """Full ticks until one stores a horizon. A transaction of another database that holds an id
+    while the horizon is read keeps it at -infinity (the test cluster is shared), so a few tries."""
+    for _ in range(50):
+        conn.execute("call billing.run_ticks()")
+        generation, next_at, asleep = _wakeup(conn)
+        if asleep:
+            return generation, next_at
+        time.sleep(0.1)
+    raise AssertionError("the tick never stored a horizon")
+
+
+def test_an_idle_minute_reads_the_horizon_and_the_first_due_renewal_wakes_it(quiet: Conn) -> None:
+    generation, next_at = _settle(quiet)
+    first_due = _scalar(
+        quiet,
+        """select least(min(su.current_period_ends_at), min(cg.expires_at))
+             from billing.subscriptions su
+             join billing.credit_grants cg on cg.subscription_id = su.id and cg.status = 'active'
+            where su.status = 'active'""",
+    )
+    # The horizon is the earliest instant any step has work: the first renewal (and its credits).
+    assert next_at == first_due
+    assert _scalar(quiet, "select count(*) from billing.tick_signals") == 0
+    # An idle minute leaves everything as it was: no new generation, no signal.
+    quiet.execute("call billing.run_ticks()")
+    assert _wakeup(quiet)[:2] == (generation, next_at)
+    idle = _scalar(quiet, "select billing.tick()")
+    assert isinstance(idle, dict)
+    assert idle["renewals"] == 0
+    assert not any(idle["claimable"].values())
+    # One microsecond before the horizon it still sleeps; at the horizon the renewal runs.
+    quiet.execute("select billing.set_test_clock(%s - interval '1 microsecond')", (next_at,))
+    assert _wakeup(quiet)[2] is True
+    quiet.execute("select billing.set_test_clock(%s)", (next_at,))
+    assert _wakeup(quiet)[2] is False
+    quiet.execute("call billing.run_ticks()")
+    queued = _scalar(quiet, "select count(*) from billing.charge_attempts where status = 'queued'")
+    assert isinstance(queued, int)
+    assert queued >= 1
+
+
+def test_a_write_that_brings_work_due_wakes_the_next_tick(quiet: Conn) -> None:
+    _settle(quiet)
+    # A retry moved to now (as an operator's retry or a decline's schedule would) is claimable.
+    attempt = quiet.execute(
+        """update billing.charge_attempts set status = 'queued', not_before = billing.now()
+            where id = (select id from billing.charge_attempts order by id limit 1)
+        returning id"""
+    ).fetchone()
+    assert attempt is not None
+    assert _scalar(quiet, "select count(*) from billing.tick_signals") == 1
+    assert _wakeup(quiet)[2] is False
+    result = _scalar(quiet, "select billing.tick()")
+    assert isinstance(result, dict)
+    assert result["claimable"]["attempts"] is True
+
+
+def test_a_writer_running_while_the_horizon_is_read_keeps_it_at_now(
+    rt: Runtime, quiet: Conn
+) -> None:
+    _settle(quiet)
+    with psycopg.connect(rt.dsn(quiet.info.dbname, "postgres")) as writer:
+        # Holds a transaction id, as a write whose trigger found an old signal would.
+        writer.execute("select pg_current_xact_id()")
+        # A full tick runs once the last one is 10 minutes old, whatever the signals say.
+        quiet.execute("update billing.tick_wakeup set settled_at = now() - interval '11 minutes'")
+        assert _wakeup(quiet)[2] is False
+        quiet.execute("call billing.run_ticks()")
+        assert _wakeup(quiet)[1:] == (None, False)
+        writer.rollback()
+    _settle(quiet)
+
+
+def test_only_the_tick_that_cleared_last_stores_its_horizon(quiet: Conn) -> None:
+    first = _scalar(quiet, "select billing.tick_wake()")
+    second = _scalar(quiet, "select billing.tick_wake()")
+    assert isinstance(first, int)
+    assert second == first + 1
+    assert _scalar(quiet, "select billing.tick_settle(%s)", (first,)) is None
+    assert _scalar(quiet, "select billing.tick_settle(%s)", (second,)) is not None
+
+
+def test_writes_under_repeatable_read_always_signal(rt: Runtime, quiet: Conn) -> None:
+    _settle(quiet)
+    quiet.execute("insert into billing.tick_signals default values")
+    quiet.execute("update billing.subscriptions set grace_ends_at = null where false")
+    with psycopg.connect(rt.dsn(quiet.info.dbname, "postgres")) as conn:
+        conn.execute("set transaction isolation level repeatable read")
+        conn.execute("update billing.subscriptions set grace_ends_at = null where false")
+        conn.execute("update billing.subscriptions set status_reason = status_reason where false")
+        conn.commit()
+    # Read committed found the signal there and left none; repeatable read left its own; an
+    # update of a column no probe reads left nothing.
+    assert _scalar(quiet, "select count(*) from billing.tick_signals") == 2

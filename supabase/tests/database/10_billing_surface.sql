@@ -67,7 +67,9 @@ select functions_are('billing', array[
   'tick_expire_credits', 'tick_maintain_event_partitions', 'run_tick_step', 'seal_event_table',
   'ensure_event_partition', 'archive_event_month',
   -- the tick's probe, its summary, one budgeted round, and the procedure that commits between rounds
-  'tick_probe', 'tick_summary', 'tick_idle', 'tick_run', 'run_ticks'], 'billing holds exactly these functions');
+  'tick_probe', 'tick_summary', 'tick_idle', 'tick_run', 'run_ticks',
+  -- the idle minute without the probe: signals, the horizon
+  'signal_tick', 'tick_asleep', 'tick_wake', 'tick_settle'], 'billing holds exactly these functions');
 
 -- Who may execute what: every (function, role) pair for the API roles, the service and the analyst.
 select set_eq(
@@ -139,7 +141,8 @@ select is_empty(
 select tables_are('billing', array[
   'clock', 'plans', 'plan_prices', 'customers', 'card_registrations', 'payment_methods', 'subscriptions',
   'billing_periods', 'charge_attempts', 'payments', 'refunds', 'credit_grants', 'credit_entries',
-  'webhook_events', 'key_deletions', 'notifications', 'events', 'reconciliation_runs'],
+  'webhook_events', 'key_deletions', 'notifications', 'events', 'reconciliation_runs', 'tick_wakeup',
+  'tick_signals'],
   'billing holds exactly these tables');
 select is_empty(
   $$ select c.oid::regclass from pg_class c where c.relnamespace = 'api'::regnamespace $$,
