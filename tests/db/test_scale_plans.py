@@ -348,3 +348,30 @@ def test_billing_never_compiles_its_statements(big: Big) -> None:
     assert compiled & sent, "the session's own statements are compiled"
     assert len(seen) > 20
     assert compiled <= sent
+
+
+def test_a_cancel_a_resume_and_a_spent_credit_stay_on_their_page(big: Big) -> None:
+    """None of these changes an indexed column, so with room on the bulk-loaded page each is a HOT
+    update: the row's new version stays on its page and no index gets an entry."""
+    sub = "big-18500"  # a day-28 subscriber: no renewal in this module touches it
+    # This transaction's own counters (the session's earlier work may share it): before and after.
+    counters = """select c.relname, pg_stat_get_xact_tuples_updated(c.oid),
+                         pg_stat_get_xact_tuples_hot_updated(c.oid)
+                    from pg_class c
+                   where c.relnamespace = 'billing'::regnamespace
+                     and c.relname in ('subscriptions', 'credit_grants')
+                   order by 1"""
+    with big.conn.transaction():
+        before = big.conn.execute(counters).fetchall()
+        big.conn.execute("set local role authenticated")
+        big.conn.execute(
+            "select set_config('request.jwt.claims', %s, true)",
+            (json.dumps({"sub": sub, "role": "authenticated", "email": f"{sub}@x.test"}),),
+        )
+        big.conn.execute("select api.cancel_subscription()")
+        big.conn.execute("select api.resume_subscription()")
+        big.conn.execute("select api.consume_credit('a reading')")
+        big.conn.execute("reset role")
+        after = big.conn.execute(counters).fetchall()
+    updates = [(b[0], a[1] - b[1], a[2] - b[2]) for b, a in zip(before, after, strict=True)]
+    assert updates == [("credit_grants", 1, 1), ("subscriptions", 2, 2)]
