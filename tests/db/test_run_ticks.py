@@ -5,6 +5,7 @@ procedure as its job (a top-level CALL may commit)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -120,6 +121,59 @@ def test_run_ticks_refuses_to_run_inside_a_transaction(rt: Runtime, bunched: str
         pytest.raises(psycopg.errors.InvalidTransactionTermination),
     ):
         conn.execute("call billing.run_ticks()")
+
+
+def test_renewals_go_first_and_the_steps_after_them_wait(rt: Runtime, bunched: str) -> None:
+    with psycopg.connect(rt.dsn(bunched, "postgres")) as conn:
+        # A zero budget: each due step does exactly one batch per round.
+        rounds = [
+            _scalar(conn, "select billing.tick_run(interval '0 seconds', false)") for _ in range(3)
+        ]
+        conn.rollback()
+    steps = [r["steps"] for r in rounds if isinstance(r, dict)]
+    assert [s["renew"]["rows"] for s in steps] == [BATCH, BATCH, N - 2 * BATCH]
+    # Renewals were left over after the first two rounds: the credits of the same subscribers,
+    # due at the same instant, waited; the round that finished the renewals expired a batch.
+    deferred = {"rows": 0, "batches": 0, "ms": 0, "deferred": True}
+    assert [s["expireCredits"] for s in steps[:2]] == [deferred, deferred]
+    assert steps[2]["expireCredits"]["rows"] == BATCH
+    assert all(isinstance(r, dict) and r["more"] for r in rounds)
+
+
+def test_the_second_renewer_and_the_tick_share_a_burst(rt: Runtime, bunched: str) -> None:
+    """pg_cron starts both at the minute: each takes due subscriptions the other has not locked."""
+    errors: list[BaseException] = []
+
+    def call(procedure: str) -> None:
+        try:
+            with psycopg.connect(rt.dsn(bunched, "postgres"), autocommit=True) as c:
+                c.execute(f"call billing.{procedure}()")
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(p,)) for p in ("run_ticks", "run_renewals")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with psycopg.connect(rt.dsn(bunched, "postgres"), autocommit=True) as conn:
+        renewed = conn.execute(
+            """select count(*), count(distinct ca.subscription_id), count(distinct bp.id)
+                 from billing.charge_attempts ca
+                 join billing.billing_periods bp on bp.id = ca.period_id and bp.period_index = 2
+                where ca.status = 'queued'"""
+        ).fetchone()
+        # Every subscriber renewed once: one new period and one attempt each.
+        assert renewed == (N, N, N)
+        assert (
+            _scalar(conn, "select count(*) from billing.billing_periods where period_index = 2")
+            == N
+        )
+        # The tick went on to the credits once the renewals were done.
+        assert (
+            _scalar(conn, "select count(*) from billing.credit_grants where status = 'active'") == 0
+        )
 
 
 @pytest.mark.slow

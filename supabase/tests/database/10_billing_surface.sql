@@ -1,7 +1,7 @@
 -- The exposed surface of billing core, pinned: every function in api and billing with who may
 -- execute it, every table and who may touch it (nobody but the owner), RLS, search paths, roles.
 begin;
-select plan(37);
+select plan(38);
 
 -- Roles
 select has_role('billing_service', 'the service''s role exists');
@@ -67,7 +67,7 @@ select functions_are('billing', array[
   'tick_expire_credits', 'tick_maintain_event_partitions', 'run_tick_step', 'seal_event_table',
   'ensure_event_partition', 'archive_event_month',
   -- the tick's probe, its summary, one budgeted round, and the procedure that commits between rounds
-  'tick_probe', 'tick_summary', 'tick_idle', 'tick_run', 'run_ticks',
+  'tick_probe', 'tick_summary', 'tick_idle', 'tick_run', 'run_ticks', 'run_renewals',
   -- the idle minute without the probe: signals, the horizon
   'signal_tick', 'tick_asleep', 'tick_wake', 'tick_settle'], 'billing holds exactly these functions');
 
@@ -257,6 +257,10 @@ select results_eq(
   $$ select schedule, command from cron.job where jobname = 'saju-billing-tick' $$,
   $$ values ('* * * * *'::text, 'call billing.run_ticks()'::text) $$,
   'pg_cron calls billing.run_ticks() every minute (short committed rounds)');
+select results_eq(
+  $$ select schedule, command from cron.job where jobname = 'saju-billing-renewals' $$,
+  $$ values ('* * * * *'::text, 'call billing.run_renewals()'::text) $$,
+  'pg_cron calls billing.run_renewals() every minute (a second renewer for bursts)');
 select results_eq(
   $$ select schedule, command from cron.job where jobname = 'saju-billing-reconcile' $$,
   $$ values ('0 18 * * *'::text, 'select billing.schedule_reconciliation()'::text) $$,
