@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -355,8 +355,8 @@ def admin(bench: Bench) -> Conn:
 # ------------------------------------------------------------------------------ results
 
 
-def environment(conn: Conn, rt: Runtime) -> dict[str, Any]:
-    """Machine, versions, settings and the load average, for the result file."""
+def environment(conn: Conn, rt: Runtime, settings: Sequence[str] = _SETTINGS) -> dict[str, Any]:
+    """Machine, versions, the given Postgres settings and the load average, for the result file."""
     meminfo = Path("/proc/meminfo")
     mem = meminfo.read_text().splitlines()[0] if meminfo.exists() else "unknown"
     versions = {}
@@ -378,7 +378,7 @@ def environment(conn: Conn, rt: Runtime) -> dict[str, Any]:
         "postgres_settings": {
             name: (r[0] if (r := conn.execute("select current_setting(%s)", (name,)).fetchone())
                    else None)
-            for name in _SETTINGS
+            for name in settings
         },
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip

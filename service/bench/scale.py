@@ -31,16 +31,13 @@ Times include the loopback round trip. Results go to ``bench-results/scale.json`
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import platform
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +71,7 @@ SETTINGS = (
     "effective_cache_size",
     "max_connections",
     "wal_level",
+    "shared_preload_libraries",
 )
 TABLES = (
     "subscriptions",
@@ -379,28 +377,6 @@ def _cold_calls(rt: Runtime, dbname: str, query: str, runs: int) -> list[float]:
     return times
 
 
-def _environment(conn: Conn, rt: Runtime) -> dict[str, Any]:
-    meminfo = Path("/proc/meminfo")
-    mem = meminfo.read_text().splitlines()[0] if meminfo.exists() else "unknown"
-    return {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "memory": mem.split(":", 1)[-1].strip(),
-            "python": sys.version.split()[0],
-            "psycopg": metadata.version("psycopg"),
-        },
-        "postgres": _scalar(conn, "select version()"),
-        "durable_mode": rt.durable,
-        "compute": rt.compute,
-        # Other work shares the machine: the 1, 5 and 15-minute load averages when measured.
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "settings": {
-            name: _scalar(conn, "select current_setting(%s)", (name,)) for name in SETTINGS
-        },
-    }
-
-
 def _sizes(conn: Conn) -> dict[str, Any]:
     return {
         table: {
@@ -421,13 +397,14 @@ def _median_ms(values: list[float]) -> float:
     return _ms(statistics.median(values))
 
 
-def run(subscriptions: int, out_dir: Path, keep: bool = False) -> dict[str, Any]:
-    """Runs the benchmark; returns the results (also written to ``out_dir``)."""
-    with harness.bench_runtime(durable=True) as rt:
+def run(
+    subscriptions: int, out_dir: Path, keep: bool = False, runtime: Runtime | None = None
+) -> dict[str, Any]:
+    """Runs the benchmark; returns the results (also written to ``out_dir``). ``runtime``: a
+    cluster to run on as it is (the tests' own, at a tiny size), instead of the durable one."""
+    with contextlib.nullcontext(runtime) if runtime else harness.bench_runtime(durable=True) as rt:
         results = _run(rt, subscriptions, keep)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "scale.txt").write_text(table(results))
+    harness.write(out_dir, "scale", results, table)
     return results
 
 
@@ -450,7 +427,7 @@ def _run(rt: Runtime, subscriptions: int, keep: bool) -> dict[str, Any]:
             )
             with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as conn:
                 conn.execute("select billing.set_test_clock(%s)", (START + SPREAD,))
-                environment = _environment(conn, rt)
+                environment = harness.environment(conn, rt, SETTINGS)
                 _tick(conn)  # the clock jump's own catch-up (registrations, notifications)
                 ringing = _idle_ticks(rt, dbname, runs=5)
                 # The welcome notifications, delivered as the service would have delivered them.
@@ -535,7 +512,10 @@ def table(results: dict[str, Any]) -> str:
         ("  db_ms_per_charge at 4 workers", f"{four['db_ms_per_charge']:.3f}"),
         ("load (s)", f"{detail['load_s']}"),
         ("settle: vacuum, analyze, checkpoint (s)", f"{detail.get('settle_s', '-')}"),
-        ("load average (1, 5, 15 min)", " ".join(str(x) for x in results["load_average"])),
+        (
+            "load average (1, 5, 15 min)",
+            " ".join(str(x) for x in results["load_average_before"]),
+        ),
         ("durable mode", str(results["durable_mode"])),
         ("compute size", str(results.get("compute", "local"))),
         ("postgres", str(results["postgres"]).split(" on ")[0]),

@@ -1,5 +1,6 @@
-"""The service benchmarks at a tiny size: their result files hold every figure, and the runs they
-measure were correct (every renewal charged once, every webhook stored once). Never timings."""
+"""The benchmarks at a tiny size: their result files hold every figure, and the runs they measure
+were correct (every renewal charged once, every webhook stored once, every due renewal made
+claimable once). Never timings."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from liveserver import free_port
 
-from service.bench import billing, webhooks
+from service.bench import billing, scale, webhooks
 from service.runtime.cluster import Runtime
 
 pytestmark = pytest.mark.slow
@@ -95,6 +96,29 @@ def _webhooks_checks(written: Results) -> None:
     assert figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
 
 
+def _run_scale(out: Path) -> Results:
+    # On the tests' own cluster as it is: the durable one would restart the cluster they share.
+    return scale.run(600, out, runtime=Runtime.from_env())
+
+
+def _scale_checks(written: Results) -> None:
+    detail = written["detail"]
+    burst, tick_burst = detail["burst"], detail["tick_burst"]
+    # One day's renewals, each a claimable attempt once, by pg_cron's two calls in one minute.
+    assert burst["due"] > 0
+    assert burst["claimable_attempts"] == burst["due"]
+    assert [c["left"] for c in burst["calls"]] == [0]
+    assert tick_burst["renewed"] == tick_burst["due"] > 0
+    assert detail["charges_1_worker"]["charges"] == min(100, burst["due"])
+    # The idle minute slept on the stored horizon after the first one probed and stored it.
+    assert len(detail["idle_tick_ms_runs"]) == 10
+    assert 1 <= len(detail["idle_waking_ms_runs"]) <= 20
+    assert len(detail["steady_tick_renewals"]) == 10
+    assert set(detail["api_call_ms_median"]) == set(scale.API_CALLS)
+    assert written["subscriptions"] == 600
+    assert written["postgres_settings"]["shared_preload_libraries"]
+
+
 BENCHES = (
     Bench(
         "billing",
@@ -109,6 +133,19 @@ BENCHES = (
             "seed_design_ratio",
         ),
         _billing_checks,
+    ),
+    Bench(
+        "scale",
+        _run_scale,
+        "due_to_attempts_s",
+        (
+            "api_call_ms",
+            "idle_tick_ms",
+            "steady_tick_ms",
+            "due_to_attempts_s",
+            "db_ms_per_charge",
+        ),
+        _scale_checks,
     ),
     Bench(
         "webhooks",
