@@ -291,10 +291,14 @@ def _minute(rt: Runtime, dbname: str, queued: Callable[[], int], target: int) ->
     """One minute of pg_cron: ``call billing.run_ticks()`` and ``call billing.run_renewals()`` in
     two sessions at once; meanwhile ``queued()`` is polled until it reaches ``target``."""
     timings: dict[str, float] = {}
+    errors: list[BaseException] = []
 
     def call(name: str) -> None:
-        with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as c:
-            timings[name] = _timed(lambda: c.execute(f"call billing.{name}()"))
+        try:
+            with psycopg.connect(rt.dsn(dbname, "postgres"), autocommit=True) as c:
+                timings[name] = _timed(lambda: c.execute(f"call billing.{name}()"))
+        except BaseException as exc:  # raised again below, in the benchmark's own thread
+            errors.append(exc)
 
     threads = [threading.Thread(target=call, args=(n,)) for n in ("run_ticks", "run_renewals")]
     started = time.perf_counter()
@@ -307,6 +311,8 @@ def _minute(rt: Runtime, dbname: str, queued: Callable[[], int], target: int) ->
         time.sleep(0.1)
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     if reached is None and queued() >= target:
         reached = max(timings.values())
     return {
